@@ -1,0 +1,1 @@
+"""openbagel: an open, clean-room BAGEL."""

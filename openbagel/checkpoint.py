@@ -1,0 +1,189 @@
+"""Load and save checkpoints in the official BAGEL layout.
+
+A checkpoint directory holds `ema.safetensors` (or shards + `ema.safetensors.index.json`),
+`ae.safetensors`, `llm_config.json`, `vit_config.json` and tokenizer files; ours adds `ae_config.json`
+and `bagel_config.json`. The model is built on the meta device and every tensor is read from the
+memory-mapped file straight into its final dtype and device, then assigned: peak memory stays near the
+size of the weights. Every key and shape is checked before anything is assigned. Pickle files are
+never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import BagelConfig, ConfigError
+from .models.bagel import Bagel
+from .models.vae import AutoEncoder
+from .tokenizer import BagelTokenizer
+
+EMA_FILE = "ema.safetensors"
+EMA_INDEX = "ema.safetensors.index.json"
+AE_FILE = "ae.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.md"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    config: BagelConfig
+    model: Bagel
+    vae: AutoEncoder
+    tokenizer: BagelTokenizer
+    path: Path
+
+
+def resolve_path(path_or_repo_id: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub into its cache."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint directory that contains it")
+        return path
+    text = str(path_or_repo_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text} is neither a local directory nor a hub id like 'ByteDance-Seed/BAGEL-7B-MoT'")
+    return download(text)
+
+
+def download(repo_id: str, local_dir: str | Path | None = None) -> Path:
+    """Snapshot a hub repository's checkpoint files (json, safetensors, tokenizer) into a folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_dir=local_dir, allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot download {repo_id!r} from the hub: {exc}") from None
+
+
+def _ema_files(directory: Path) -> list[Path]:
+    if (directory / EMA_FILE).is_file():
+        return [directory / EMA_FILE]
+    index = directory / EMA_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index: {exc}") from None
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {missing}")
+        return files
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
+        raise CheckpointError(f"{directory} holds pickle weights (.bin/.pt); only safetensors are loaded. "
+                              "Convert them to ema.safetensors first.")
+    raise CheckpointError(f"{directory} has no {EMA_FILE} (or {EMA_INDEX}); is it a BAGEL checkpoint?")
+
+
+def read_tensors(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype | None,
+                 device: torch.device | str, what: str) -> dict[str, torch.Tensor]:
+    """Read safetensors files after checking every key and shape against `expected`."""
+    handles = []
+    try:
+        for f in files:
+            handles.append((f, safe_open(str(f), framework="pt", device="cpu")))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{what}: cannot read {exc}; the file is truncated or not safetensors — "
+                              "download it again") from None
+    found: dict[str, tuple[Path, object]] = {}
+    shapes: dict[str, torch.Size] = {}
+    for f, h in handles:
+        for key in h.keys():
+            found[key] = (f, h)
+            shapes[key] = torch.Size(h.get_slice(key).get_shape())
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k}: file {tuple(shapes[k])} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(found) if shapes[k] != expected[k])
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{what} does not match the config: " + "; ".join(parts))
+    out = {}
+    for key in expected:
+        _, h = found[key]
+        try:
+            t = h.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{what}: tensor {key} cannot be read ({exc}); the file is truncated") from None
+        out[key] = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+    return out
+
+
+def _expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def load_checkpoint(path_or_repo_id: str | Path, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
+    """Build on meta, check, then assign the checkpoint's tensors in `dtype` on `device`."""
+    directory = resolve_path(path_or_repo_id)
+    try:
+        cfg = BagelConfig.load(directory)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    ema_files = _ema_files(directory)
+    if not (directory / AE_FILE).is_file():
+        raise CheckpointError(f"{directory} has no {AE_FILE} (the VAE weights)")
+    with torch.device("meta"):
+        model, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+    state = read_tensors(ema_files, _expected_shapes(model), dtype, device, str(directory / EMA_FILE))
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    vae_state = read_tensors([directory / AE_FILE], _expected_shapes(vae), vae_dtype, device, str(directory / AE_FILE))
+    vae.load_state_dict(vae_state, strict=True, assign=True)
+    for p in model.latent_pos_embed.parameters():
+        p.requires_grad_(False)
+    for p in model.vit_pos_embed.parameters():
+        p.requires_grad_(False)
+    tokenizer = BagelTokenizer.from_dir(directory)
+    if len(tokenizer) > cfg.llm.vocab_size:
+        raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the model only {cfg.llm.vocab_size}")
+    return LoadedCheckpoint(cfg, model.eval(), vae.eval(), tokenizer, directory)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> None:
+    out = {k: (v.detach().to("cpu", dtype if (dtype and v.is_floating_point()) else v.dtype)).contiguous()
+           for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | Path, config: BagelConfig, model: Bagel, vae: AutoEncoder,
+                    tokenizer: BagelTokenizer, dtype: torch.dtype | None = None) -> Path:
+    """Write the official layout (loadable here and by the official code)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save(directory)
+    tokenizer.save(directory)
+    _save_atomic(model.state_dict(), directory / EMA_FILE, dtype)
+    _save_atomic(vae.state_dict(), directory / AE_FILE, None)
+    return directory
+
+
+def random_checkpoint(directory: str | Path, config: BagelConfig, tokenizer: BagelTokenizer, seed: int = 0,
+                      std: float = 0.02) -> Path:
+    """A randomly initialised model saved as a checkpoint (for tests and the first demo)."""
+    torch.manual_seed(seed)  # the VAE keeps torch's default init
+    gen = torch.Generator().manual_seed(seed)
+    model, vae = Bagel(config), AutoEncoder(config.vae)
+    model.init_weights(std=std, generator=gen)
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(0.0, std, generator=gen)  # non-zero so velocities are not all zero
+    return save_checkpoint(directory, config, model, vae, tokenizer)

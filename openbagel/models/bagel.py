@@ -1,0 +1,156 @@
+"""Bagel: the unified model. Embeds text, ViT and VAE tokens, runs the MoT decoder, and holds the heads.
+
+Submodule names equal the official state-dict prefixes (`language_model`, `vit_model`, `connector`,
+`vit_pos_embed`, `time_embedder`, `vae2llm`, `llm2vae`, `latent_pos_embed`). The VAE lives beside it
+(`ae.safetensors` is a separate file). `forward_train` computes the two losses of a packed batch;
+the inference engine composes the embedding helpers and the decoder itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import BagelConfig
+from ..data.batch import TEXT, VAE, VIT, PackedBatch
+from ..processing import patchify_latent
+from .layers import MLPConnector, PositionEmbedding, TimestepEmbedder, grid_position_ids
+from .qwen2_mot import Qwen2MoTForCausalLM
+from .siglip import SiglipNaViT
+from .vae import AutoEncoder
+
+
+@dataclass
+class LossTerms:
+    """Unnormalised loss sums and their token counts; the trainer normalises across ranks."""
+
+    ce_sum: torch.Tensor
+    ce_count: torch.Tensor
+    mse_sum: torch.Tensor
+    mse_count: torch.Tensor
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-time shift t' = s t / (1 + (s - 1) t): s > 1 spends more steps at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class Bagel(nn.Module):
+    def __init__(self, cfg: BagelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.llm.hidden_size
+        self.language_model = Qwen2MoTForCausalLM(cfg.llm)
+        self.vit_model = SiglipNaViT(cfg.vit, cfg.vit_max_num_patch_per_side)
+        self.connector = MLPConnector(cfg.vit.hidden_size, H)
+        self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, H)
+        self.time_embedder = TimestepEmbedder(H)
+        self.vae2llm = nn.Linear(cfg.patch_latent_dim, H)
+        self.llm2vae = nn.Linear(H, cfg.patch_latent_dim)
+        self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, H)
+
+    # ----- initialisation ------------------------------------------------------------------------
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch: normal linears/embeddings, unit norms, fixed sin-cos tables."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("pos_embed"):
+                    continue
+                if p.ndim >= 2:
+                    p.normal_(0.0, std, generator=generator)
+                elif "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+            self.llm2vae.weight.zero_()  # as the official recipe: the velocity head starts at zero
+            self.vit_pos_embed.reset_parameters()
+            self.latent_pos_embed.reset_parameters()
+
+    def copy_und_to_gen(self) -> None:
+        """Initialise every `_moe_gen` twin from its understanding weight (the official `init_moe`)."""
+        params = dict(self.language_model.named_parameters())
+        with torch.no_grad():
+            for name, p in params.items():
+                if "_moe_gen" in name:
+                    p.copy_(params[name.replace("_moe_gen", "")])
+
+    # ----- embeddings ----------------------------------------------------------------------------
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed_tokens(ids)
+
+    def embed_vit(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        """Packed ViT patches -> LLM-width tokens: connector(SigLIP) + the fixed 2-D table."""
+        features = self.vit_model(patches, position_ids, seqlens)
+        return self.connector(features) + self.vit_pos_embed(position_ids)
+
+    def embed_latents(self, x: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Latent tokens [N, 64] at flow times t [N] (0 for clean context) -> LLM-width tokens."""
+        return self.vae2llm(x) + self.time_embedder(t) + self.latent_pos_embed(position_ids)
+
+    def latent_grid_ids(self, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+        return grid_position_ids(h, w, self.cfg.max_latent_size, device)
+
+    def vit_grid_ids(self, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+        return grid_position_ids(h, w, self.cfg.vit_max_num_patch_per_side, device)
+
+    @torch.no_grad()
+    def encode_latents(self, vae: AutoEncoder, images: list[torch.Tensor], sample: bool = True,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [3, H, W] in [-1, 1] -> packed latent tokens [sum h*w, patch_latent_dim] (VAE frozen)."""
+        dtype = next(vae.parameters()).dtype
+        tokens = []
+        for img in images:
+            z = vae.encode(img[None].to(dtype), sample=sample, generator=generator)[0]
+            tokens.append(patchify_latent(z, self.cfg.latent_patch_size))
+        return torch.cat(tokens).to(self.vae2llm.weight.dtype)
+
+    # ----- training ------------------------------------------------------------------------------
+
+    def forward_train(self, batch: PackedBatch, noise_generator: torch.Generator | None = None,
+                      timestep_shift: float | None = None) -> LossTerms:
+        """Losses of a packed batch: next-token CE on text, rectified-flow velocity MSE on noisy latents."""
+        if batch.latents is None and batch.mse_mask.numel():
+            raise ValueError("batch.latents is empty: encode batch.vae_images with encode_latents first")
+        kind = batch.token_kind
+        B, L = kind.shape
+        H = self.cfg.llm.hidden_size
+        dtype = self.vae2llm.weight.dtype
+        x = torch.zeros(B, L, H, dtype=dtype, device=kind.device)
+        text = kind == TEXT
+        x[text] = self.embed_text(batch.text_ids[text])
+        if batch.vit_seqlens:
+            x[kind == VIT] = self.embed_vit(batch.vit_patches.to(dtype), batch.vit_position_ids, batch.vit_seqlens)
+        vae_tokens = kind == VAE
+        target = None
+        if vae_tokens.any():
+            x0 = batch.latents
+            t = torch.sigmoid(batch.timesteps_raw.float())
+            t = shift_timesteps(t, timestep_shift if timestep_shift is not None else self.cfg.timestep_shift)
+            eps = torch.randn(x0.shape, generator=noise_generator, device=x0.device, dtype=torch.float32).to(x0.dtype)
+            tt = t[:, None].to(x0.dtype)
+            x_t = (1 - tt) * x0 + tt * eps
+            x[vae_tokens] = self.embed_latents(x_t, t, batch.latent_position_ids)
+            target = (eps - x0)[batch.mse_mask]
+        hidden = self.language_model.model(x, batch.position_ids, batch.attn_mask, gen_mask=vae_tokens)
+
+        ce_pos = batch.labels != -100
+        zero = hidden.new_zeros(())
+        if ce_pos.any():
+            logits = self.language_model.lm_head(hidden[ce_pos]).float()
+            ce = F.cross_entropy(logits, batch.labels[ce_pos], reduction="none")
+            w = batch.ce_weights[ce_pos].float()
+            ce_sum, ce_count = (ce * w).sum(), w.sum()
+        else:
+            ce_sum, ce_count = zero.float(), zero.float()
+        if target is not None and target.numel():
+            pred = self.llm2vae(hidden[vae_tokens][batch.mse_mask]).float()
+            mse_sum = ((pred - target.float()) ** 2).mean(-1).sum()
+            mse_count = hidden.new_tensor(float(target.shape[0]), dtype=torch.float32)
+        else:
+            mse_sum, mse_count = zero.float(), zero.float()
+        return LossTerms(ce_sum, ce_count, mse_sum, mse_count)

@@ -1,0 +1,169 @@
+"""Qwen2 decoder with Mixture-of-Transformers layers (BAGEL's language model).
+
+Every layer holds two experts with identical shapes: the understanding expert (text and ViT tokens,
+the plain Qwen2 names) and the generation expert (VAE latent tokens, names suffixed `_moe_gen`).
+Each token uses its own expert's norms, Q/K/V/O projections, QK-norms and MLP; one attention runs
+over all tokens. Inputs are padded rows `[B, L, H]` (a row may pack several samples; the attention
+mask carries document and causal/full/noise rules), so training and inference share this code.
+The module is single-device and pure: parallelism, compile and quantisation are applied from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import LLMConfig
+from .layers import RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin
+
+
+@dataclass
+class ExpertRouting:
+    """Which flattened token positions of a [B, L] block use the generation expert.
+
+    `gen` / `und` are index tensors into the flattened block; `None` for `gen` means every token
+    uses the understanding expert (text and ViT blocks), which skips the gather entirely.
+    """
+
+    und: torch.Tensor | None
+    gen: torch.Tensor | None
+
+    @classmethod
+    def from_mask(cls, gen_mask: torch.Tensor | None) -> "ExpertRouting":
+        if gen_mask is None or not bool(gen_mask.any()):
+            return cls(und=None, gen=None)
+        flat = gen_mask.flatten()
+        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
+
+    def apply(self, x: torch.Tensor, und_fn, gen_fn, out_dim: int | None = None) -> torch.Tensor:
+        """Run `und_fn` on understanding rows and `gen_fn` on generation rows of x [B, L, C]."""
+        if self.gen is None:
+            return und_fn(x)
+        B, L, C = x.shape
+        flat = x.reshape(B * L, C)
+        gen_out = gen_fn(flat[self.gen])
+        out = flat.new_empty(B * L, out_dim or gen_out.shape[-1], dtype=gen_out.dtype)
+        out[self.gen] = gen_out
+        if self.und.numel():
+            out[self.und] = und_fn(flat[self.und])
+        return out.view(B, L, -1)
+
+
+class KVSlot:
+    """Where a layer finds past keys/values and where it writes this block's (see inference.kv_cache)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        self.k, self.v, self.start = k, v, start  # k/v [B, Hkv, capacity, D]; block written at start
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, D
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(H, cfg.num_attention_heads * D, bias=True))
+            setattr(self, f"k_proj{suffix}", nn.Linear(H, cfg.num_key_value_heads * D, bias=True))
+            setattr(self, f"v_proj{suffix}", nn.Linear(H, cfg.num_key_value_heads * D, bias=True))
+            setattr(self, f"o_proj{suffix}", nn.Linear(cfg.num_attention_heads * D, H, bias=False))
+            setattr(self, f"q_norm{suffix}", RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity())
+            setattr(self, f"k_norm{suffix}", RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity())
+
+    def _qkv(self, suffix: str):
+        qp, kp, vp = (getattr(self, f"{n}_proj{suffix}") for n in "qkv")
+        qn, kn = getattr(self, f"q_norm{suffix}"), getattr(self, f"k_norm{suffix}")
+        D = self.head_dim
+
+        def project(x: torch.Tensor) -> torch.Tensor:  # x [N, H] -> [N, (Hq + 2 Hkv) * D]
+            n = x.shape[0]
+            q = qn(qp(x).view(n, -1, D)).view(n, -1)
+            k = kn(kp(x).view(n, -1, D)).view(n, -1)
+            return torch.cat([q, k, vp(x)], dim=-1)
+
+        return project
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        routing: ExpertRouting,
+        kv: KVSlot | None,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = routing.apply(x, self._qkv(""), self._qkv("_moe_gen"))
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, L, Hq, D).transpose(1, 2), cos, sin)  # [B, Hq, L, D]
+        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, L, D]
+        v = v.view(B, L, Hkv, D).transpose(1, 2)
+        if kv is not None:
+            # Write this block's keys/values after the cached ones, attend over cache + block.
+            end = kv.start + L
+            kv.k[:, :, kv.start:end] = k
+            kv.v[:, :, kv.start:end] = v
+            k, v = kv.k[:, :, :end], kv.v[:, :, :end]
+        out = attention(q, k, v, mask).transpose(1, 2).reshape(B, L, Hq * D)
+        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp_moe_gen = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, routing: ExpertRouting, kv: KVSlot | None) -> torch.Tensor:
+        h = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(h, cos, sin, mask, routing, kv)
+        h = routing.apply(x, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
+        return x + routing.apply(h, self.mlp, self.mlp_moe_gen)
+
+
+class Qwen2MoTModel(nn.Module):
+    """`language_model.model`: token embedding, MoT layers, the two final norms."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        gen_mask: torch.Tensor | None = None,
+        kv: list[KVSlot] | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, H] embedded tokens; position_ids [B, L]; mask bool [B, 1, L, S]; returns normed hidden."""
+        routing = ExpertRouting.from_mask(gen_mask)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            slot = kv[i] if kv is not None else None
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, routing, slot, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, routing, slot)
+        return routing.apply(x, self.norm, self.norm_moe_gen)
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    """`language_model`: the decoder plus an untied `lm_head`."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.model = Qwen2MoTModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
