@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .render import render
-from .scene import BACKGROUNDS, CANVAS, CELLS, COLORS, SHAPES, SIZES, Obj, Scene, cell_center
+from .scene import BACKGROUNDS, CANVAS, CELLS, COLORS, SHAPES, SIZES, Obj, Scene, cell_block
 
 MIN_PIXELS = 12  # a smaller blob is noise: the smallest drawn object (small diamond) covers 61 pixels
 MIN_OVERLAP = 0.5  # a blob that matches no template this well is not a shape of this world
@@ -30,12 +30,6 @@ _BG_RGB = np.array(list(BACKGROUNDS.values()), np.float32)
 _COLOR_NAMES = list(COLORS)
 _COLOR_RGB = np.array(list(COLORS.values()), np.float32)
 _TEMPLATE_KEYS = [(shape, size) for shape in SHAPES for size in SIZES]
-
-
-def _cell_block(cell: str) -> tuple[slice, slice]:
-    """(rows, cols) of the 21 x 21 block a cell covers."""
-    cx, cy = cell_center(cell)
-    return slice(cy - 10, cy + 11), slice(cx - 10, cx + 11)
 
 
 def _prepare(image: Image.Image) -> np.ndarray:
@@ -70,7 +64,7 @@ def _templates(cell: str) -> np.ndarray:
             image = render(Scene("black", (Obj(shape, "red", size, cell),)))
             if blur:
                 image = image.filter(ImageFilter.GaussianBlur(1))
-            maps.append(_coverage(_prepare(image)[_cell_block(cell)], "black", _COLOR_NAMES.index("red")))
+            maps.append(_coverage(_prepare(image)[cell_block(cell)], "black", _COLOR_NAMES.index("red")))
     return np.stack(maps)
 
 
@@ -82,7 +76,7 @@ def detect(image: Image.Image) -> Scene | None:
     distance = np.linalg.norm(pixels - np.array(BACKGROUNDS[background], np.float32), axis=-1)
     objects = []
     for cell in CELLS:
-        block = _cell_block(cell)
+        block = cell_block(cell)
         mask = distance[block] > _threshold(background)
         if mask.sum() < MIN_PIXELS:
             continue

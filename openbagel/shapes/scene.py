@@ -42,6 +42,12 @@ def cell_center(cell: str) -> tuple[int, int]:
     return 11 + 21 * col, 11 + 21 * row
 
 
+def cell_block(cell: str) -> tuple[slice, slice]:
+    """(rows, cols) index of the 21 x 21 block a cell covers."""
+    cx, cy = cell_center(cell)
+    return slice(cy - 10, cy + 11), slice(cx - 10, cx + 11)
+
+
 def _check(field: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{field}: {value!r} is not one of {', '.join(allowed)}")

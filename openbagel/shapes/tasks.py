@@ -18,6 +18,10 @@ from .scene import BACKGROUNDS, CELLS, COLORS, CORNERS, SHAPES, SIZES, Obj, Scen
 from .text import (NUMBER_WORDS, a, caption, cell_ref, count_sentence, desc, group_sentence, located, refs,
                    think)
 
+# Seed convention: training data comes from seeds in [0, TRAIN_SEED_LIMIT); evaluation seeds its generator
+# with TRAIN_SEED_LIMIT + seed, a stream no training seed reaches (samples.sample_stream refuses them).
+TRAIN_SEED_LIMIT = 2**31
+
 RELATIONS = ("left of", "right of", "above", "below")
 DIRECTIONS = {"to the right of": (0, 1), "to the left of": (0, -1), "above": (-1, 0), "below": (1, 0)}
 

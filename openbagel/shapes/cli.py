@@ -1,0 +1,102 @@
+"""Command line: `shapes render`, `shapes sample` and `eval shapes`. The top-level `openbagel` CLI
+mounts these with `register(subparsers)`; `python -m openbagel.shapes.cli ...` runs them standalone.
+
+Handlers turn bad input into SystemExit("error: ..."): one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from .evaluate import DEFAULT_THINK_MODES, evaluate, model_runner, oracle_runner
+from .render import render
+from .scene import load_scene
+from .taskfile import write_task_file
+from .tasks import make_task, parse_kind
+
+
+def _render(args: argparse.Namespace) -> None:
+    try:
+        scene = load_scene(args.scene)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {args.scene}: {e.strerror}") from None
+    except ValueError as e:
+        raise SystemExit(f"error: {args.scene}: {e}") from None
+    render(scene).save(args.out, format="PNG")
+    print(args.out)
+
+
+def _sample(args: argparse.Namespace) -> None:
+    try:
+        kind, sub = parse_kind(args.kind)
+    except ValueError as e:
+        raise SystemExit(f"error: --{e}") from None
+    if args.n < 1:
+        raise SystemExit("error: -n must be at least 1")
+    rng = random.Random(args.seed)
+    tasks = [make_task(rng, kind, sub) for _ in range(args.n)]
+    path = write_task_file(tasks, args.out, think=args.think)
+    print(f"wrote {len(tasks)} tasks to {path} (expected results: {path.parent / 'expected.jsonl'})")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise SystemExit("error: -n must be at least 1")
+    runner = oracle_runner if args.oracle else model_runner(args.model)
+    evaluate(runner, n=args.n, seed=args.seed, think_modes=DEFAULT_THINK_MODES, out_json=args.out)
+
+
+def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._SubParsersAction | None = None) -> None:
+    """Add `shapes {render,sample}` to `subparsers`, and `shapes` under `eval` (created unless given)."""
+    shapes = subparsers.add_parser("shapes", help="the Shapes world: render scenes, write task files")
+    sub = shapes.add_subparsers(dest="shapes_command", required=True)
+
+    p = sub.add_parser("render", help="render a scene JSON file to a 64x64 PNG",
+                       description="Render a scene file (spec section 2) to a pixel-exact 64x64 RGB PNG.",
+                       epilog="example: openbagel shapes render scene.json scene.png")
+    p.add_argument("scene", help="scene JSON file")
+    p.add_argument("out", help="output PNG path")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("sample", help="write a batch task file with expected results",
+                       description="Generate N tasks of one kind and write DIR/tasks.jsonl (batch format), "
+                                   "DIR/images/ and DIR/expected.jsonl.",
+                       epilog="example: openbagel shapes sample --kind edit:swap -n 10 --out tasks/ --seed 1")
+    p.add_argument("--kind", required=True,
+                   help="generate, edit, reason_edit, question, reason_question or chat, optionally :SUB "
+                        "(e.g. generate:position, edit:swap, chat:3 turns)")
+    p.add_argument("-n", type=int, default=10, help="number of tasks (default 10)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--think", action="store_true", help="ask the model to think before answering or drawing")
+    p.set_defaults(func=_sample)
+
+    if eval_subparsers is None:
+        eval_subparsers = subparsers.add_parser("eval", help="score a model").add_subparsers(
+            dest="eval_command", required=True)
+    p = eval_subparsers.add_parser(
+        "shapes", help="score a model on a fresh Shapes test set",
+        description="Generate a fresh held-out Shapes test set (N tasks per category), run the model through "
+                    "the batch path, score every category and print a table.",
+        epilog="example: openbagel eval shapes -n 20 --out shapes_eval.json  (add --oracle to check the scorer)")
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("-n", type=int, default=20, help="tasks per category and think mode (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
+    p.add_argument("--out", default=None, help="write the report as JSON to this file")
+    p.add_argument("--oracle", action="store_true", help="answer with the expected results (scores 100%%)")
+    p.set_defaults(func=_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="openbagel")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Training samples: Shapes tasks laid out as the interleaved sequences BAGEL trains on.
+
+Layouts (a `+think` variant puts the system prompt first and the thought, with loss, before the output):
+- generate:  [prompt] [target image: loss, no clean copies]
+- edit:      [source image: VAE+ViT] [instruction] [target image: loss, no clean copies]
+- question:  [source image: ViT only] [question] [answer: loss]   (think: `<think>facts</think> answer`)
+- chat:      [source image] then per turn [instruction] [target: loss, clean VAE+ViT copies except the last]
+Texts given to the model are the canonical ones half of the time and light paraphrases otherwise; answers,
+thoughts and images are always canonical.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from openbagel.data.interleaved import ImageItem, Sample, TextItem
+
+from .render import render
+from .tasks import TRAIN_SEED_LIMIT, Task, task_stream
+
+GEN_THINK_SYSTEM = "plan the picture inside <think></think> before you draw or edit it."
+UND_THINK_SYSTEM = "list the facts you see inside <think></think> before you answer."
+CANONICAL_SHARE = 0.5
+
+_PARAPHRASES = {
+    "generate": ("draw {}", "an image of {}", "generate {}", "a picture of {}"),
+    "edit": ("please {}", "{} and keep the rest", "now {}", "{}, nothing else"),
+    "question": ("look at the image. {}", "question: {}", "about this picture: {}"),
+}
+_FAMILY = {"generate": "generate", "edit": "edit", "reason_edit": "edit", "chat": "edit",
+           "question": "question", "reason_question": "question"}
+
+
+def phrase(task_kind: str, text: str, rng: random.Random) -> str:
+    """The canonical text (CANONICAL_SHARE of the time) or a paraphrase that keeps it verbatim inside."""
+    if rng.random() < CANONICAL_SHARE:
+        return text
+    return rng.choice(_PARAPHRASES[_FAMILY[task_kind]]).format(text)
+
+
+def training_sample(task: Task, *, think: bool, rng: random.Random) -> Sample:
+    family = _FAMILY[task.kind]
+    items: Sample = []
+    if think:
+        items.append(TextItem(UND_THINK_SYSTEM if family == "question" else GEN_THINK_SYSTEM))
+    if family == "question":
+        step = task.steps[0]
+        answer = f"{step.thought} {step.answer}" if think else step.answer
+        return items + [ImageItem(render(task.source), vae=False, vit=True),
+                        TextItem(phrase(task.kind, step.text, rng)), TextItem(answer, loss=True)]
+    if task.source is not None:
+        items.append(ImageItem(render(task.source)))
+    for i, step in enumerate(task.steps):
+        last = i == len(task.steps) - 1
+        items.append(TextItem(phrase(task.kind, step.text, rng)))
+        if think:
+            items.append(TextItem(step.thought, loss=True))
+        items.append(ImageItem(render(step.scene), loss=True, vae=not last, vit=not last))
+    return items
+
+
+def sample_stream(seed: int, mix: dict[str, float], think_prob: float) -> Iterator[Sample]:
+    """Endless training samples; `mix` maps `kind` or `kind:sub` to a weight. Seeds must be training
+    seeds, 0 <= seed < TRAIN_SEED_LIMIT: evaluation owns the rest (see tasks.TRAIN_SEED_LIMIT)."""
+    if not 0 <= seed < TRAIN_SEED_LIMIT:
+        raise ValueError(f"seed: {seed} is not a training seed (0 <= seed < {TRAIN_SEED_LIMIT})")
+    rng = random.Random(seed)
+    for task in task_stream(rng, mix):
+        yield training_sample(task, think=rng.random() < think_prob, rng=rng)
