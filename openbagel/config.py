@@ -134,6 +134,8 @@ class BagelConfig:
     )
     default_image_size: tuple[int, int] = (1024, 1024)
     think_system_prompts: dict[str, str] = field(default_factory=dict)
+    # Per-task overrides of the pipeline's sampler defaults, e.g. {"generate": {"num_inference_steps": 20}}.
+    task_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_special_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -76,10 +76,10 @@ class MoTAttention(nn.Module):
         qn, kn = getattr(self, f"q_norm{suffix}"), getattr(self, f"k_norm{suffix}")
         D = self.head_dim
 
-        def project(x: torch.Tensor) -> torch.Tensor:  # x [N, H] -> [N, (Hq + 2 Hkv) * D]
-            n = x.shape[0]
-            q = qn(qp(x).view(n, -1, D)).view(n, -1)
-            k = kn(kp(x).view(n, -1, D)).view(n, -1)
+        def project(x: torch.Tensor) -> torch.Tensor:  # x [..., H] -> [..., (Hq + 2 Hkv) * D]
+            lead = x.shape[:-1]
+            q = qn(qp(x).view(*lead, -1, D)).view(*lead, -1)  # QK-norm per head
+            k = kn(kp(x).view(*lead, -1, D)).view(*lead, -1)
             return torch.cat([q, k, vp(x)], dim=-1)
 
         return project
@@ -143,14 +143,22 @@ class Qwen2MoTModel(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        position_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
         mask: torch.Tensor | None,
         gen_mask: torch.Tensor | None = None,
         kv: list[KVSlot] | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing: ExpertRouting | None = None,
     ) -> torch.Tensor:
-        """x [B, L, H] embedded tokens; position_ids [B, L]; mask bool [B, 1, L, S]; returns normed hidden."""
-        routing = ExpertRouting.from_mask(gen_mask)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        """x [B, L, H] embedded tokens; position_ids [B, L]; mask bool [B, 1, L, S]; returns normed hidden.
+
+        `rope` (cos, sin) and `routing` may be passed precomputed by callers that reuse them across calls.
+        """
+        if routing is None:
+            routing = ExpertRouting.from_mask(gen_mask)
+        if rope is None:
+            rope = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope
         for i, layer in enumerate(self.layers):
             slot = kv[i] if kv is not None else None
             if self.gradient_checkpointing and self.training:

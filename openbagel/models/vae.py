@@ -163,7 +163,9 @@ class AutoEncoder(nn.Module):
         mean, logvar = self.posterior(x)
         z = mean
         if sample:
-            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            # Drawn where the generator lives (CPU seeds reproduce across devices, as the official app).
+            device = generator.device if generator is not None else mean.device
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
         return self.cfg.scale_factor * (z - self.cfg.shift_factor)
 

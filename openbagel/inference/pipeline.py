@@ -1,0 +1,425 @@
+"""`BagelPipeline`: generate, edit, understand and multi-turn editing, diffusers-style.
+
+The pipeline owns strings and images: it checks inputs, resizes images with the checkpoint's rules,
+builds the three guidance contexts exactly as the official inferencer does (reference 5.2), and calls
+the engine. Every task runs through one batched path (`run`), so a single call and a batch file of
+sixteen tasks take the same code; the single-task methods are thin wrappers.
+
+Contexts of one task (rows of a KV cache):
+  gen      (think system prompt) + [input image: VAE then ViT] + text + (generated thought)
+  cfg_text gen as it was before the latest text         -> text guidance
+  cfg_img  (system prompt) + all texts, no image at all -> image guidance
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..checkpoint import LoadedCheckpoint, load_checkpoint
+from ..processing import resize, to_pil, to_rgb, to_tensor
+from .engine import Engine, ImageJob, TextParams
+from .kv_cache import KVCache
+from .settings import TaskSettings, resolve
+
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+MAX_PROMPT_CHARS = 32_000
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+
+
+class InputError(ValueError):
+    """Bad user input: the message says what was wrong and what to do."""
+
+
+@dataclass
+class BagelOutput:
+    images: list[Image.Image] = field(default_factory=list)
+    text: str | None = None  # the answer (understanding), without the thought
+    thought: str | None = None  # the text inside <think>...</think>
+    raw_text: str | None = None  # everything the model wrote
+
+
+@dataclass
+class Request:
+    """One task for `BagelPipeline.run`."""
+
+    task: str  # generate | edit | understand
+    text: str  # prompt, instruction or question
+    image: Image.Image | None = None
+    think: bool = False
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    height: int | None = None
+    width: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def split_thought(text: str) -> tuple[str | None, str]:
+    """('thought', 'answer') from '<think>thought</think> answer'."""
+    m = THINK_RE.search(text)
+    if not m:
+        return None, text.strip()
+    return m.group(1).strip(), text[m.end():].strip()
+
+
+class BagelPipeline:
+    def __init__(self, checkpoint: LoadedCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        tok = self.tokenizer
+        self.engine = Engine(checkpoint.model, checkpoint.vae, tok.bos_id, tok.eos_id,
+                             tok.start_of_image_id, tok.end_of_image_id)
+        self.progress_bar_enabled = True
+
+    # ----- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None) -> "BagelPipeline":
+        """Load a checkpoint directory or hub id (default: the embedded Shapes model shipped in the package)."""
+        device = torch.device(device or _default_device())
+        dtype = _resolve_dtype(dtype, device)
+        path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
+        return cls(load_checkpoint(path, device=device, dtype=dtype))
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress_bar_enabled = not disable
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    # ----- single tasks ----------------------------------------------------------------------------
+
+    def generate(self, prompt: str, *, think: bool = False, height: int | None = None, width: int | None = None,
+                 seed: int | None = None, generator: torch.Generator | None = None, **settings: Any) -> BagelOutput:
+        """Text to image. Settings: num_inference_steps, guidance_scale / cfg_text_scale, cfg_interval, ..."""
+        callbacks = _pop_callbacks(settings)
+        req = Request("generate", prompt, None, think, seed, generator, height, width, settings)
+        return self.run([req], **callbacks)[0]
+
+    def edit(self, image: Image.Image, instruction: str, *, think: bool = False, seed: int | None = None,
+             generator: torch.Generator | None = None, **settings: Any) -> BagelOutput:
+        """Edit an image following an instruction (output keeps the resized input's size)."""
+        callbacks = _pop_callbacks(settings)
+        req = Request("edit", instruction, image, think, seed, generator, settings=settings)
+        return self.run([req], **callbacks)[0]
+
+    def understand(self, image: Image.Image | None, question: str, *, think: bool = False, seed: int | None = None,
+                   generator: torch.Generator | None = None, **settings: Any) -> BagelOutput:
+        """Answer a question about an image (or a plain text prompt when image is None)."""
+        callbacks = _pop_callbacks(settings)
+        req = Request("understand", question, image, think, seed, generator, settings=settings)
+        return self.run([req], **callbacks)[0]
+
+    def session(self, image: Image.Image | None = None, *, think: bool = False, seed: int = 0,
+                **settings: Any):
+        """A multi-turn editing session starting from `image` (see `EditSession`)."""
+        from .session import EditSession
+
+        return EditSession(self, image, think=think, seed=seed, settings=settings)
+
+    # ----- the batched path ------------------------------------------------------------------------
+
+    def run(self, requests: list[Request], *, callback_on_step_end: Callable | None = None,
+            on_text: Callable[[int, str], None] | None = None) -> list[BagelOutput]:
+        """Run many tasks; tasks of one kind share forwards. Raises InputError before any work on bad input."""
+        prepared = [self._prepare(r) for r in requests]
+        outputs: list[BagelOutput | None] = [None] * len(requests)
+        for task in ("understand", "generate", "edit"):
+            idx = [i for i, r in enumerate(requests) if r.task == task]
+            if not idx:
+                continue
+            batch = [prepared[i] for i in idx]
+            results = (self._understand(batch, on_text) if task == "understand"
+                       else self._draw(batch, callback_on_step_end, on_text))
+            for i, out in zip(idx, results):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    # ----- preparation -----------------------------------------------------------------------------
+
+    def _prepare(self, req: Request) -> "_Prepared":
+        if req.task not in ("generate", "edit", "understand"):
+            raise InputError(f"unknown task {req.task!r}; use generate, edit or understand")
+        text = _check_text(req.text, {"generate": "prompt", "edit": "instruction", "understand": "question"}[req.task])
+        try:
+            settings = resolve(req.task, req.settings, self.config.task_defaults)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if req.think and not self.config.think_system_prompts:
+            raise InputError("this checkpoint has no think-mode system prompts; call without think")
+        generator = req.generator or torch.Generator().manual_seed(_seed(req.seed))
+        vae_image = vit_image = None
+        height, width = req.height, req.width
+        if req.task in ("edit", "understand") and req.image is None and req.task == "edit":
+            raise InputError("edit needs an input image")
+        if req.image is not None:
+            if req.task == "generate":
+                raise InputError("generate takes no input image; use edit")
+            image = resize(to_rgb(_check_image(req.image)), self.config.vae_transform)
+            width, height = image.size
+            vae_image = to_tensor(image) if req.task == "edit" else None
+            vit_image = to_tensor(resize(image, self.config.vit_transform))
+        elif req.task == "generate":
+            height, width = self._check_size(height, width)
+        return _Prepared(req, text, settings, generator, vae_image, vit_image, height, width)
+
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        dh, dw = self.config.default_image_size
+        height, width = height or dh, width or dw
+        stride, top = self.config.latent_downsample, self.config.max_image_side
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InputError(f"{name} must be an integer number of pixels, got {v!r}")
+            if v % stride or not (stride <= v <= top):
+                raise InputError(f"{name} must be a multiple of {stride} between {stride} and {top}, got {v}")
+        return height, width
+
+    # ----- understanding ---------------------------------------------------------------------------
+
+    def _understand(self, batch: list["_Prepared"], on_text) -> list[BagelOutput]:
+        eng, tok = self.engine, self.tokenizer
+        ctx = eng.new_cache(len(batch))
+        eng.prefill_text(ctx, [self._system_block(p, "understanding") for p in batch])
+        eng.prefill_vit_images(ctx, [p.vit_image for p in batch])
+        eng.prefill_text(ctx, [tok.text_block(p.text) for p in batch])
+        texts = self._decode(ctx, batch, list(range(len(batch))), on_text)
+        outs = []
+        for p, raw in zip(batch, texts):
+            thought, answer = split_thought(raw) if p.req.think else (None, raw.strip())
+            outs.append(BagelOutput(text=answer, thought=thought, raw_text=raw))
+        return outs
+
+    # ----- generation and editing ------------------------------------------------------------------
+
+    def _draw(self, batch: list["_Prepared"], callback, on_text) -> list[BagelOutput]:
+        state = DrawState.start(self, batch)
+        state.add_images([p.vae_image for p in batch], [p.vit_image for p in batch], [p.generator for p in batch])
+        thoughts = state.add_turn_text([p.text for p in batch], on_text)
+        latents = state.generate(callback)
+        return [BagelOutput(images=[img], thought=th, raw_text=raw)
+                for img, (th, raw) in zip(latents, thoughts)]
+
+    def _system_block(self, p: "_Prepared", kind: str) -> list[int]:
+        return self.tokenizer.text_block(self.config.think_system_prompts[kind]) if p.req.think else []
+
+    def _decode(self, ctx: KVCache, batch: list["_Prepared"], rows: list[int], on_text) -> list[str]:
+        """Decode text from the given rows of a forked context; streams partial text to `on_text`."""
+        if not rows:
+            return []
+        sub = ctx.select(rows)
+        params = batch[rows[0]].settings.text
+        gens = [batch[r].generator for r in rows]
+        tok = self.tokenizer
+
+        def stream(ids: list[list[int]]) -> None:
+            if on_text is not None:
+                for r, seq in zip(rows, ids):
+                    text = tok.decode(seq)
+                    if not text.endswith("\ufffd"):
+                        on_text(r, text)
+
+        ids = self.engine.decode(sub, params, gens, stream if on_text is not None else None)
+        return [tok.decode(seq) for seq in ids]
+
+
+@dataclass
+class _Prepared:
+    req: Request
+    text: str
+    settings: TaskSettings
+    generator: torch.Generator
+    vae_image: torch.Tensor | None
+    vit_image: torch.Tensor | None
+    height: int | None
+    width: int | None
+
+
+class DrawState:
+    """The contexts of a batch of image tasks (or conversations), turn after turn.
+
+    One cache holds 2B rows: rows [0, B) are the `gen` contexts, rows [B, 2B) the `cfg_img` ones
+    (only texts). `cfg_text` is forked from `gen` before each new text. Until an image or a thought
+    enters `gen`, `cfg_img` equals it and its velocity is v_cond (no extra forward).
+    """
+
+    def __init__(self, pipe: BagelPipeline, batch: list[_Prepared], ctx: KVCache) -> None:
+        self.pipe, self.batch, self.ctx = pipe, batch, ctx
+        self.B = len(batch)
+        self.img_same = [True] * self.B
+        self.cfg_text: KVCache | None = None
+        self.shapes = [(p.height, p.width) for p in batch]
+
+    @classmethod
+    def start(cls, pipe: BagelPipeline, batch: list[_Prepared]) -> "DrawState":
+        ctx = pipe.engine.new_cache(2 * len(batch))
+        sys = [pipe._system_block(p, "generation") for p in batch]
+        pipe.engine.prefill_text(ctx, sys + sys)
+        return cls(pipe, batch, ctx)
+
+    def add_images(self, vae_images: list, vit_images: list, generators: list) -> None:
+        """Input (or previous output) images enter `gen` as a VAE block then a ViT block."""
+        eng = self.pipe.engine
+        none = [None] * self.B
+        if any(v is not None for v in vae_images):
+            eng.prefill_vae_images(self.ctx, list(vae_images) + none, generators + none)
+        if any(v is not None for v in vit_images):
+            eng.prefill_vit_images(self.ctx, list(vit_images) + none)
+        for b, v in enumerate(vae_images):
+            if v is not None:
+                self.img_same[b] = False
+                self.shapes[b] = (v.shape[1], v.shape[2])
+
+    def add_turn_text(self, texts: list[str], on_text=None, replay_thoughts: list[str | None] | None = None
+                      ) -> list[tuple[str | None, str | None]]:
+        """The user's text goes to gen and cfg_img; with think, the thought then goes to gen only.
+
+        `replay_thoughts` feeds previously generated thoughts instead of decoding (session restore).
+        """
+        eng, tok = self.pipe.engine, self.pipe.tokenizer
+        self.cfg_text = self.ctx.select(list(range(self.B)))
+        blocks = [tok.text_block(t) for t in texts]
+        eng.prefill_text(self.ctx, blocks + blocks)
+        think_rows = [b for b, p in enumerate(self.batch) if p.req.think]
+        if replay_thoughts is not None:
+            raws = [replay_thoughts[b] or "" for b in think_rows]
+        else:
+            raws = self.pipe._decode(self.ctx, self.batch, think_rows, on_text)
+        out: list[tuple[str | None, str | None]] = [(None, None)] * self.B
+        think_blocks: list[list[int]] = [[] for _ in range(2 * self.B)]
+        for b, raw in zip(think_rows, raws):
+            thought, _ = split_thought(raw)
+            out[b] = (thought, raw)
+            think_blocks[b] = tok.text_block(raw)
+            self.img_same[b] = False
+        if think_rows:
+            eng.prefill_text(self.ctx, think_blocks)
+        return out
+
+    def generate(self, callback=None) -> list[Image.Image]:
+        """Denoise one image per row (grouped by schedule) and decode them."""
+        eng = self.pipe.engine
+        ds = self.pipe.config.latent_downsample
+        jobs = []
+        for b, p in enumerate(self.batch):
+            h, w = self.shapes[b]
+            noise = torch.randn((h // ds) * (w // ds), self.pipe.config.patch_latent_dim, generator=p.generator)
+            jobs.append(ImageJob(cond_ctx=(self.ctx, b), text_ctx=(self.cfg_text, b), img_ctx=(self.ctx, self.B + b),
+                                 height=h, width=w, params=p.settings.flow, noise=noise,
+                                 img_ctx_is_cond=self.img_same[b]))
+        latents: list[torch.Tensor | None] = [None] * self.B
+        groups: dict[tuple, list[int]] = {}
+        for b, j in enumerate(jobs):
+            groups.setdefault((j.params.num_timesteps, j.params.timestep_shift), []).append(b)
+        for members in groups.values():
+            progress = _progress_bar(self.pipe, jobs[members[0]].params.num_timesteps - 1)
+            cb = _callback_adapter(self.pipe, callback, members) if callback else None
+            outs = eng.generate_images([jobs[b] for b in members], callback=cb, progress=progress)
+            for b, x in zip(members, outs):
+                latents[b] = x
+        self.last_latents = latents
+        return [to_pil(eng.decode_latents(x, *self.shapes[b])) for b, x in enumerate(latents)]
+
+
+# ----- helpers -------------------------------------------------------------------------------------
+
+
+def _pop_callbacks(settings: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in ("callback_on_step_end", "on_text"):
+        if key in settings:
+            out[key] = settings.pop(key)
+    if "progress" in settings:
+        settings.pop("progress")
+    return out
+
+
+def _callback_adapter(pipe, callback, members):
+    """diffusers-style `callback_on_step_end(pipe, step, t, {"latents": [...]}) -> dict`."""
+
+    def cb(step: int, t: float, xs: list[torch.Tensor]):
+        result = callback(pipe, step, t, {"latents": xs})
+        if isinstance(result, dict) and "latents" in result:
+            return result["latents"]
+        return None
+
+    return cb
+
+
+def _progress_bar(pipe: BagelPipeline, total: int):
+    if not pipe.progress_bar_enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="denoising", leave=False)
+
+    def update(done: int, total_: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total_:
+            bar.close()
+
+    return update
+
+
+def _check_text(text: Any, name: str) -> str:
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"the {name} is not valid UTF-8 text") from None
+    if not isinstance(text, str):
+        raise InputError(f"the {name} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"the {name} is empty; write what you want")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(f"the {name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if "\x00" in text:
+        raise InputError(f"the {name} contains a NUL character")
+    return text
+
+
+def _check_image(image: Any) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise InputError(f"image must be a PIL image, got {type(image).__name__}")
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise InputError("image is empty")
+    if max(w, h) / min(w, h) > 20:
+        raise InputError(f"image aspect ratio {w}x{h} is more extreme than 20:1; crop it first")
+    return image
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    return seed
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU matmuls are fastest in fp32
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
