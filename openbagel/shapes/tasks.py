@@ -248,7 +248,11 @@ def _reason_edit(sub: str, source: Scene, text: str, facts: str, edits: list[Edi
 
 def gen_size_match(rng: random.Random) -> Task:
     c_large, c_small = rng.sample(list(COLORS), 2)
-    source = _scene_with(rng, [{"size": "large", "color": c_large}, {"size": "small", "color": c_small}])
+    return size_match_task(_scene_with(rng, [{"size": "large", "color": c_large}, {"size": "small", "color": c_small}]))
+
+
+def size_match_task(source: Scene) -> Task:
+    """The largest/smallest edit on a scene of one large and one small object (the spec's worked example)."""
     large, small = sorted(source.objects, key=lambda o: o.size == "small")
     return _reason_edit("size_match", source, "make the large shape the same color as the small shape",
                         f"the large shape is {desc(large)}. the small shape is {desc(small)}",
@@ -473,7 +477,9 @@ def rq_same_color(rng: random.Random) -> Task | None:
     if sum(x.color == o.color for x in source.objects) != 2:
         return None
     answer = cell_ref(partner)
-    return _question("reason_question", "same_color", source, f"which shape has the same color as {_ref(rng, source, o, answer)}?",
+    if not (ref := _ref(rng, source, o, answer)):  # e.g. "the square at the top left" contains "the square at the top"
+        return None
+    return _question("reason_question", "same_color", source, f"which shape has the same color as {ref}?",
                      f"{cell_ref(o)} is {o.color}. {group_sentence(f'other {o.color} shape', [partner])}", answer)
 
 
