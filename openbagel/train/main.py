@@ -1,0 +1,39 @@
+"""`openbagel train RECIPE [key=value ...] [--resume] [--out DIR]`: argparse -> recipe -> Trainer."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe name (see openbagel.train.recipes.RECIPES)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. steps=500 optim.lr=3e-4")
+    parser.add_argument("--out", default=None, help="run folder (default runs/RECIPE)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .recipes import apply_overrides, get_recipe
+    from .trainer import Trainer
+
+    cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
+    trainer = Trainer(cfg, args.out or f"runs/{args.recipe}", resume=args.resume)
+    history = trainer.train()
+    if trainer.world.is_main and history:
+        first, last = history[0], history[-1]
+        print(f"step {last.step}: loss {first.loss:.4f} -> {last.loss:.4f} (ce {last.ce:.4f}, mse {last.mse:.4f}); "
+              f"run folder {trainer.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the `train` command to the top-level CLI's subparsers."""
+    parser = subparsers.add_parser("train", help="train or fine-tune (single process, or under torchrun)")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="openbagel train")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
