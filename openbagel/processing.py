@@ -80,3 +80,56 @@ def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int, channels: in
     """Inverse of `patchify_latent`: [h*w, p*p*C] -> [C, h*p, w*p]."""
     x = tokens.reshape(h, w, p, p, channels).permute(4, 0, 2, 1, 3)
     return x.reshape(channels, h * p, w * p)
+
+
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decoded pixels; anything larger is refused before decoding
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+class ImageLoadError(ValueError):
+    """An input that is not a usable image; the message names the problem."""
+
+
+def open_image(source, name: str = "image") -> Image.Image:
+    """Open an image file (path, bytes or file object) safely: size checked before decoding, RGB out.
+
+    Decompression bombs are refused from the header alone; truncated or non-image files get a clear
+    error instead of a PIL traceback.
+    """
+    import io
+    from pathlib import Path
+
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageLoadError(f"{name} is empty (0 bytes)")
+        if len(source) > MAX_IMAGE_BYTES:
+            raise ImageLoadError(f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        fp = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(f"{name} {path} does not exist or is not a file")
+        size = path.stat().st_size
+        if size == 0:
+            raise ImageLoadError(f"{name} {path} is empty (0 bytes)")
+        if size > MAX_IMAGE_BYTES:
+            raise ImageLoadError(f"{name} {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+        fp = io.BytesIO(path.read_bytes())
+    else:
+        fp = source
+    try:
+        with Image.open(fp) as probe:
+            w, h = probe.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageLoadError(f"{name} is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS} pixels")
+            if w < 1 or h < 1:
+                raise ImageLoadError(f"{name} has no pixels")
+            probe.load()
+            image = probe.copy()
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageLoadError(f"{name} is too large to decode safely (decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{name} is not a readable image ({exc}); use a PNG, JPEG or WebP file") from None
+    return to_rgb(image)
