@@ -41,7 +41,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # parquet files, or one JSONL file
     image_dir: str = ""  # LLaVA: images are relative to this folder
     shapes_mix: dict[str, float] = field(default_factory=lambda: {"generate": 1.0, "question": 1.0})
-    think_prob: float = 0.0
+    think_prob: float | dict[str, float] = 0.0  # one probability, or one per Shapes task kind
+    target_copies: int = 1  # Shapes: noisy copies of each target image (each its own timestep)
     image_size: int = 64  # synthetic images
 
 
@@ -50,7 +51,7 @@ def build_source(cfg: DataConfig, seed: int) -> Source:
         case "synthetic":
             return synthetic_source(seed, cfg.image_size)
         case "shapes":
-            return shapes_source(seed, cfg.shapes_mix, cfg.think_prob)
+            return shapes_source(seed, cfg.shapes_mix, cfg.think_prob, cfg.target_copies)
         case "t2i_parquet":
             return ParquetSource(cfg.paths, seed, t2i_sample)
         case "edit_parquet":
@@ -114,10 +115,11 @@ def synthetic_source(seed: int, image_size: int = 64) -> Source:
     return source
 
 
-def shapes_source(seed: int, mix: dict[str, float], think_prob: float) -> Source:
+def shapes_source(seed: int, mix: dict[str, float], think_prob: float | dict[str, float],
+                  target_copies: int = 1) -> Source:
     from ..shapes.samples import sample_stream
 
-    return lambda start, step: _strided(sample_stream(seed, mix, think_prob), start, step)
+    return lambda start, step: _strided(sample_stream(seed, mix, think_prob, target_copies), start, step)
 
 
 # ----- files --------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ def phrase(task_kind: str, text: str, rng: random.Random) -> str:
     return rng.choice(_PARAPHRASES[_FAMILY[task_kind]]).format(text)
 
 
-def training_sample(task: Task, *, think: bool, rng: random.Random) -> Sample:
+def training_sample(task: Task, *, think: bool, rng: random.Random, target_copies: int = 1) -> Sample:
+    """`target_copies` > 1 adds extra noisy copies of each target image: each draws its own timestep
+    and sees the same context (noise splits never see each other), so one context buys several
+    flow-matching targets — cheap supervision where the layout is decided."""
     family = _FAMILY[task.kind]
     items: Sample = []
     if think:
@@ -56,15 +59,21 @@ def training_sample(task: Task, *, think: bool, rng: random.Random) -> Sample:
         items.append(TextItem(phrase(task.kind, step.text, rng)))
         if think:
             items.append(TextItem(step.thought, loss=True))
-        items.append(ImageItem(render(step.scene), loss=True, vae=not last, vit=not last))
+        target = render(step.scene)
+        items.extend(ImageItem(target, loss=True, vae=False, vit=False) for _ in range(target_copies - 1))
+        items.append(ImageItem(target, loss=True, vae=not last, vit=not last))
     return items
 
 
-def sample_stream(seed: int, mix: dict[str, float], think_prob: float) -> Iterator[Sample]:
-    """Endless training samples; `mix` maps `kind` or `kind:sub` to a weight. Seeds must be training
+def sample_stream(seed: int, mix: dict[str, float], think_prob: float | dict[str, float],
+                  target_copies: int = 1) -> Iterator[Sample]:
+    """Endless training samples; `mix` maps `kind` or `kind:sub` to a weight. `think_prob` is one
+    probability or one per task kind (key "default" for the others). Seeds must be training
     seeds, 0 <= seed < TRAIN_SEED_LIMIT: evaluation owns the rest (see tasks.TRAIN_SEED_LIMIT)."""
     if not 0 <= seed < TRAIN_SEED_LIMIT:
         raise ValueError(f"seed: {seed} is not a training seed (0 <= seed < {TRAIN_SEED_LIMIT})")
     rng = random.Random(seed)
+    probs = think_prob if isinstance(think_prob, dict) else {"default": think_prob}
     for task in task_stream(rng, mix):
-        yield training_sample(task, think=rng.random() < think_prob, rng=rng)
+        p = probs.get(task.kind, probs.get("default", 0.0))
+        yield training_sample(task, think=rng.random() < p, rng=rng, target_copies=target_copies)
