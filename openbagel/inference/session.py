@@ -151,13 +151,21 @@ class EditSession:
             source.load()
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{directory} is not a saved session: {exc}") from None
-        session = cls(pipe, source, think=meta["think"], seed=meta["seed"], settings=meta["settings"])
+        turns = []
         for t in meta["turns"]:
             name = Path(t["image"]).name  # never follow a path out of the session folder
             image = Image.open(directory / name)
             image.load()
-            image = to_rgb(image)
+            turns.append(Turn(t["instruction"], t["seed"], to_rgb(image), t.get("thought"), t.get("raw_thought")))
+        return cls.replay(pipe, source, turns, think=meta["think"], seed=meta["seed"], settings=meta["settings"])
+
+    @classmethod
+    def replay(cls, pipe: "BagelPipeline", source: Image.Image, turns: list[Turn], *, think: bool, seed: int,
+               settings: dict[str, Any]) -> "EditSession":
+        """Rebuild a session from its recorded turns (no denoising): the saved-folder and the server's store."""
+        session = cls(pipe, source, think=think, seed=seed, settings=settings)
+        for t in turns:
             session._history.append(session._conv.snapshot())
-            session._conv.turn([t["instruction"]], [t["seed"]], replay=([image], [t.get("raw_thought")]))
-            session.turns.append(Turn(t["instruction"], t["seed"], image, t.get("thought"), t.get("raw_thought")))
+            session._conv.turn([t.instruction], [t.seed], replay=([t.image], [t.raw_thought]))
+            session.turns.append(t)
         return session
