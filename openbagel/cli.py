@@ -194,7 +194,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             else:
                 out = session.edit(line)
                 session.save(out_dir)
-                _print_thought(out, args.think)
+                _print_thought(out, session.think)
                 print(_latest(out_dir, session))
         except ValueError as exc:  # one bad turn does not end the chat
             print(f"error: {exc}", file=sys.stderr)
