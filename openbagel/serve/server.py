@@ -244,20 +244,24 @@ def _seeds(seed: int | None, n: int) -> list[int]:
     return [base + i for i in range(n)]
 
 
-def composite_by_mask(original: Image.Image, edited: Image.Image, mask_bytes: bytes) -> Image.Image:
+def read_mask(mask_bytes: bytes, size: tuple[int, int]) -> Image.Image:
+    """The alpha channel of an OpenAI-style mask (transparent = edit here), checked against the image size."""
+    open_image(mask_bytes, name="mask")  # size, bomb and format checks before decoding for real
+    mask = Image.open(io.BytesIO(mask_bytes))
+    if mask.size != size:
+        raise InputError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
+                         "they must be the same size")
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
+        raise InputError("the mask needs an alpha channel (a PNG where transparent pixels mark the area to edit)")
+    return mask.convert("RGBA").getchannel("A")
+
+
+def composite_by_mask(original: Image.Image, edited: Image.Image, alpha: Image.Image) -> Image.Image:
     """OpenAI mask semantics: where the mask is transparent (alpha 0) the edit shows; elsewhere the original.
 
     BAGEL edits the whole picture; the mask is honoured afterwards by blending the edited image (resized
-    to the original's size) over the original with the mask's alpha as the weight of the original.
+    to the original's size) over the original, with the mask's alpha as the weight of the original.
     """
-    open_image(mask_bytes, name="mask")  # size, bomb and format checks before decoding for real
-    mask = Image.open(io.BytesIO(mask_bytes))
-    if mask.size != original.size:
-        raise InputError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
-                         f"{original.size[0]}x{original.size[1]}; they must be the same size")
-    if "A" not in mask.getbands() and "transparency" not in mask.info:
-        raise InputError("the mask needs an alpha channel (a PNG where transparent pixels mark the area to edit)")
-    alpha = mask.convert("RGBA").getchannel("A")
     return Image.composite(original, edited.resize(original.size, Image.Resampling.BICUBIC), alpha)
 
 
@@ -351,13 +355,14 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
             mask_bytes = await files["mask"].read() if "mask" in files else None
         body = P.ImageEditRequest.from_form(fields)
         image = open_image(image_bytes, name="image")
+        alpha = read_mask(mask_bytes, image.size) if mask_bytes is not None else None
         tasks = [Task("edit", body.prompt, image, think=body.think, seed=s, settings=body.settings)
                  for s in _seeds(body.seed, body.n)]
         outs = await worker.call(request, lambda job: pipe.run(tasks, callback_on_step_end=job.check,
                                                                 on_text=job.check))
-        if mask_bytes is not None:
+        if alpha is not None:
             for out in outs:
-                out.images[0] = composite_by_mask(image, out.images[0], mask_bytes)
+                out.images[0] = composite_by_mask(image, out.images[0], alpha)
         return _images_response(outs, body)
 
     @v1.post("/chat/completions", response_model=P.ChatCompletion, response_model_exclude_none=True)

@@ -1,0 +1,286 @@
+"""The OpenAI-compatible server: the official `openai` client against a real uvicorn process on localhost,
+on the tiny random checkpoint with 3 denoising steps."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from openbagel.serve.server import APIError, ModelWorker
+
+KEY = "test-key"
+FAST = {"num_inference_steps": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, db: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openbagel", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--api-key", KEY, "--sessions-db", str(db), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start in 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    proc, url = start_server(tiny_checkpoint, tmp_path_factory.mktemp("db") / "sessions.sqlite3",
+                             "--max-body-mb", "1")
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scene() -> Image.Image:
+    from openbagel.serve.examples import shapes_examples
+
+    return shapes_examples("edit", 1)[0].image
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+# ----- OpenAI endpoints ------------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-random"]
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["queue_size"] == 16
+
+
+def test_image_generation(client):
+    result = client.images.generate(model="tiny-random", prompt="a red circle left of a blue square", n=2,
+                                    size="64x48", response_format="b64_json", extra_body={"seed": 1, **FAST})
+    images = [decode(d.b64_json) for d in result.data]
+    assert len(images) == 2 and all(im.size == (64, 48) for im in images)
+    assert images[0].tobytes() != images[1].tobytes()  # seeds 1 and 2
+    again = client.images.generate(model="tiny-random", prompt="a red circle left of a blue square", size="64x48",
+                                   extra_body={"seed": 1, **FAST})
+    assert decode(again.data[0].b64_json).tobytes() == images[0].tobytes()
+
+
+def test_url_format_is_a_data_url(client):
+    result = client.images.generate(model="m", prompt="a circle", response_format="url", extra_body=FAST)
+    assert result.data[0].url.startswith("data:image/png;base64,")
+
+
+def test_image_edit_with_mask(client):
+    original = scene()
+    mask = Image.new("RGBA", original.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # transparent left half: the region to edit
+    result = client.images.edit(model="m", image=("scene.png", png(original), "image/png"),
+                                mask=("mask.png", png(mask), "image/png"), prompt="make the background gray",
+                                extra_body={"seed": 3, **FAST})
+    edited = decode(result.data[0].b64_json).convert("RGB")
+    assert edited.size == original.size
+    assert edited.crop((32, 0, 64, 64)).tobytes() == original.crop((32, 0, 64, 64)).tobytes()  # kept
+    assert edited.crop((0, 0, 32, 64)).tobytes() != original.crop((0, 0, 32, 64)).tobytes()  # edited
+
+
+def test_image_edit_without_mask_and_bad_mask(client):
+    result = client.images.edit(model="m", image=("scene.png", png(scene()), "image/png"), prompt="remove the circle",
+                                extra_body=FAST)
+    assert decode(result.data[0].b64_json).size == (64, 64)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.edit(model="m", image=("scene.png", png(scene()), "image/png"), prompt="x",
+                           mask=("mask.png", png(Image.new("RGB", (64, 64))), "image/png"), extra_body=FAST)
+    assert "alpha channel" in exc.value.body["message"]
+
+
+def test_chat_with_an_image(client):
+    reply = client.chat.completions.create(model="m", max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(scene())}},
+        {"type": "text", "text": "what color is the circle?"}]}])
+    assert reply.object == "chat.completion" and isinstance(reply.choices[0].message.content, str)
+
+
+def test_chat_streams_the_thought_and_answer(client):
+    stream = client.chat.completions.create(model="m", max_tokens=12, stream=True, messages=[
+        {"role": "user", "content": "describe a red circle."}], extra_body={"think": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    streamed = [c.choices[0].delta for c in chunks[1:-1]]
+    assert streamed and all((d.content or getattr(d, "reasoning_content", None)) for d in streamed)
+
+
+def test_chat_draws_and_edits_when_asked_for_an_image(client):
+    drawn = client.chat.completions.create(model="m", modalities=["image"], messages=[
+        {"role": "user", "content": "a blue square"}], extra_body={"size": "48x64", **FAST})
+    part = drawn.choices[0].message.content[0]
+    first = decode(part["image_url"]["url"].split(",", 1)[1])
+    assert first.size == (48, 64)
+    edited = client.chat.completions.create(model="m", modalities=["image"], messages=[
+        {"role": "user", "content": "a blue square"}, {"role": "assistant", "content": [part]},
+        {"role": "user", "content": "make it red"}], extra_body={"think": True, "max_think_token_n": 6, **FAST})
+    assert edited.choices[0].message.content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.parametrize("call, param_or_text", [
+    (lambda c: c.images.generate(model="m", prompt="   "), "empty"),
+    (lambda c: c.images.generate(model="m", prompt="x", size="65x64"), "multiple of 16"),
+    (lambda c: c.images.generate(model="m", prompt="x", size="big"), "size"),
+    (lambda c: c.images.generate(model="m", prompt="x", n=9), "n"),
+    (lambda c: c.images.generate(model="m", prompt="x", extra_body={"num_inference_steps": -1}), "num_inference"),
+    (lambda c: c.images.generate(model="m", prompt="x", extra_body={"no_such_setting": 1}), "unknown setting"),
+    (lambda c: c.images.edit(model="m", image=("a.png", b"not an image", "image/png"), prompt="x"), "readable"),
+    (lambda c: c.images.edit(model="m", image=("a.png", png(scene()), "image/png"), prompt="x", size="64x64"),
+     "size"),
+    (lambda c: c.chat.completions.create(model="m", messages=[]), "messages"),
+    (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, {"type": "text", "text": "?"}]}]),
+     "not fetched"),
+    (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]), "base64"),
+])
+def test_bad_requests_get_openai_error_objects(client, call, param_or_text):
+    with pytest.raises(openai.BadRequestError) as exc:
+        call(client)
+    error = exc.value.body
+    assert exc.value.status_code == 400 and set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert param_or_text in error["message"] or param_or_text == error["param"]
+
+
+def test_auth_limits_and_unknown_paths(server):
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    wrong = httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = httpx.post(f"{server}/v1/images/generations", headers={**auth, "Content-Type": "application/json"},
+                     content=b'{"prompt": "' + b"x" * (2 * 2**20) + b'"}')
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    bad_json = httpx.post(f"{server}/v1/images/generations", headers={**auth, "Content-Type": "application/json"},
+                          content=b"{not json")
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    infinite = httpx.post(f"{server}/v1/images/generations", headers={**auth, "Content-Type": "application/json"},
+                          content=b'{"prompt": "x", "cfg_text_scale": Infinity}')
+    assert infinite.status_code == 400 and "finite" in infinite.json()["error"]["message"]
+    missing = httpx.get(f"{server}/v1/nothing-here", headers=auth)
+    assert missing.status_code == 404 and "error" in missing.json()
+    for sid in ("sess_" + "0" * 32, "..%2F..%2Fetc%2Fpasswd"):
+        r = httpx.get(f"{server}/v1/sessions/{sid}", headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["code"] in ("session_not_found", "not_found")
+
+
+# ----- the model queue -------------------------------------------------------------------------------
+
+
+class _Req:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def test_queue_is_bounded_and_times_out():
+    async def scenario():
+        worker = ModelWorker(queue_size=1, timeout_s=0.5)
+        gate = threading.Event()
+        job = worker.start(lambda job: gate.wait(5))
+        with pytest.raises(APIError) as full:
+            worker.start(lambda job: None)
+        assert full.value.status == 429 and int(full.value.headers["Retry-After"]) >= 1
+        with pytest.raises(APIError) as late:
+            await worker.result(job, _Req())
+        assert late.value.status == 504 and job.cancelled.is_set()
+        assert worker.pending == 0  # the slot is free again
+        gate.set()
+        assert await worker.call(_Req(), lambda job: 42) == 42
+        worker.shutdown()
+
+    asyncio.run(scenario())
+
+
+# ----- sessions --------------------------------------------------------------------------------------
+
+
+def test_session_of_three_edits_survives_kill_9(tiny_checkpoint, tiny_pipeline, tmp_path):
+    db = tmp_path / "sessions.sqlite3"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    instructions = ["make the background gray", "remove the circle", "add a small red square"]
+    proc, url = start_server(tiny_checkpoint, db)
+    try:
+        created = httpx.post(f"{url}/v1/sessions", headers=auth, timeout=60,
+                             json={"image": data_url(scene()), "seed": 7, **FAST})
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        first = httpx.post(f"{url}/v1/sessions/{sid}/edits", headers=auth, json={"prompt": instructions[0]},
+                           timeout=60)
+        assert first.status_code == 200 and len(first.json()["turns"]) == 1
+    finally:
+        proc.kill()  # kill -9: no shutdown hook runs
+        proc.wait()
+
+    proc, url = start_server(tiny_checkpoint, db)
+    try:
+        for text in instructions[1:]:
+            r = httpx.post(f"{url}/v1/sessions/{sid}/edits", headers=auth, json={"prompt": text}, timeout=60)
+            assert r.status_code == 200, r.text
+        state = httpx.get(f"{url}/v1/sessions/{sid}", headers=auth).json()
+        assert [t["instruction"] for t in state["turns"]] == instructions
+        assert [t["seed"] for t in state["turns"]] == [8, 9, 10]
+        final = decode(state["image"]["b64_json"])
+
+        # The same three edits in one uninterrupted in-process session give the same image.
+        session = tiny_pipeline.session(scene(), seed=7, **FAST)
+        for text in instructions:
+            out = session.edit(text)
+        assert final.tobytes() == out.images[0].tobytes()
+
+        undone = httpx.post(f"{url}/v1/sessions/{sid}/undo", headers=auth, timeout=60).json()
+        assert len(undone["turns"]) == 2
+        assert httpx.get(f"{url}/v1/sessions/{sid}", headers=auth).json()["turns"] == undone["turns"]
+    finally:
+        stop(proc)
