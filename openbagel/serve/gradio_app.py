@@ -135,7 +135,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                     gr.Examples([[e.text] for e in shapes_examples("generate")], inputs=[prompt])
                 with gr.Column():
                     thought = gr.Textbox(label="Thinking process", visible=False, lines=4)
-                    image = gr.Image(label="Result", type="pil", elem_id="generate-image")
+                    image = gr.Image(label="Result", type="pil", format="png", height=384, elem_id="generate-image")
 
             def generate(prompt: str, think: bool, seed: float, ratio: str, *values: Any):
                 height, width = ratio_size(ratio, longest, stride)
@@ -153,7 +153,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
         with gr.Tab("Edit", id="edit"):
             with gr.Row():
                 with gr.Column():
-                    source = gr.Image(label="Image to edit", type="pil", elem_id="edit-source")
+                    source = gr.Image(label="Image to edit", type="pil", format="png", height=256)
                     instruction = gr.Textbox(label="Instruction", placeholder="make the circle green", lines=2)
                     edit_think = gr.Checkbox(False, label="Thinking")
                     edit_button = gr.Button("Edit", variant="primary")
@@ -162,7 +162,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                                 inputs=[source, instruction])
                 with gr.Column():
                     edit_thought = gr.Textbox(label="Thinking process", visible=False, lines=4)
-                    edited = gr.Image(label="Result", type="pil")
+                    edited = gr.Image(label="Result", type="pil", format="png", height=384, elem_id="edit-image")
 
             def edit(image: Image.Image | None, instruction: str, think: bool, seed: float, *values: Any):
                 if image is None:
@@ -181,7 +181,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
         with gr.Tab("Understand", id="understand"):
             with gr.Row():
                 with gr.Column():
-                    picture = gr.Image(label="Image (optional)", type="pil")
+                    picture = gr.Image(label="Image (optional)", type="pil", format="png", height=256)
                     question = gr.Textbox(label="Question", placeholder="what color is the square?", lines=2)
                     ask_think = gr.Checkbox(False, label="Thinking")
                     ask_button = gr.Button("Ask", variant="primary")
@@ -190,7 +190,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                                  + shapes_examples("reason_question", 2)], inputs=[picture, question])
                 with gr.Column():
                     ask_thought = gr.Textbox(label="Thinking process", visible=False, lines=4)
-                    answer = gr.Textbox(label="Answer", lines=4)
+                    answer = gr.Textbox(label="Answer", lines=4, elem_id="understand-answer")
 
             def understand(image: Image.Image | None, question: str, think: bool, seed: float, *values: Any):
                 for text, out in _stream(lambda on_text: pipe.understand(
@@ -208,7 +208,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
             session = gr.State(None)
             with gr.Row():
                 with gr.Column():
-                    start = gr.Image(label="Starting image", type="pil")
+                    start = gr.Image(label="Starting image", type="pil", format="png", height=256)
                     turn = gr.Textbox(label="Instruction", placeholder="each instruction edits the latest image",
                                       lines=2)
                     chat_think = gr.Checkbox(False, label="Thinking", info="set when a session starts")
@@ -220,7 +220,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                     gr.Examples([[e.image, e.text] for e in shapes_examples("edit", 2, seed=1)], inputs=[start, turn])
                 with gr.Column():
                     chat_thought = gr.Textbox(label="Thinking process", visible=False, lines=4)
-                    latest = gr.Image(label="Latest image", type="pil")
+                    latest = gr.Image(label="Latest image", type="pil", format="png", height=384, elem_id="chat-image")
                     history = gr.Gallery(label="History", columns=4, height="auto")
 
             def gallery(s: EditSession | None) -> list:
