@@ -34,6 +34,7 @@ class AutoencoderRecipe:
     mean_penalty: float = 1e-4
     seed: int = 0
     log_every: int = 50
+    save_every: int = 250  # calibrate and write a usable autoencoder this often
 
 
 def shapes_batch(rng: random.Random, n: int) -> torch.Tensor:
@@ -50,8 +51,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def train_autoencoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print) -> tuple[AutoEncoder, dict]:
     """Train, calibrate the latent scale/shift, save `ae.safetensors` + `ae_config.json`; returns metrics."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -80,16 +79,29 @@ def train_autoencoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print)
                    "logvar": logvar.mean().item(), "elapsed_s": time.time() - start}
             history.append(rec)
             log(json.dumps(rec))
+        if step % recipe.save_every == 0 and step < recipe.steps:
+            m = save_autoencoder(ae, recipe, out_dir, history, time.time() - start)
+            log(json.dumps({"step": step, "psnr_db": m["psnr_db"], "detector_exact": m["detector_exact"]}))
+    metrics = save_autoencoder(ae, recipe, out_dir, history, time.time() - start)
+    return ae, metrics
+
+
+def save_autoencoder(ae: AutoEncoder, recipe: AutoencoderRecipe, out_dir: Path, history: list, seconds: float) -> dict:
+    """Calibrate scale/shift on fresh scenes, then write ae.safetensors, ae_config.json, ae_metrics.json."""
+    from safetensors.torch import save_file
+
     ae.eval()
     metrics = calibrate_and_evaluate(ae, random.Random(recipe.seed + 1))
-    metrics["train_seconds"] = time.time() - start
+    ae.train()
+    metrics["train_seconds"] = seconds
     metrics["history"] = history
     final_cfg = replace(recipe.vae, scale_factor=metrics["scale_factor"], shift_factor=metrics["shift_factor"])
-    ae.cfg = final_cfg
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(out_dir / "ae.safetensors"))
+    tmp = out_dir / "ae.safetensors.tmp"
+    save_file({k: v.detach().contiguous() for k, v in ae.state_dict().items()}, str(tmp))
+    tmp.replace(out_dir / "ae.safetensors")
     (out_dir / "ae_config.json").write_text(json.dumps(asdict(final_cfg), indent=2) + "\n")
     (out_dir / "ae_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return ae, metrics
+    return metrics
 
 
 @torch.no_grad()

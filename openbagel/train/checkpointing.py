@@ -11,9 +11,12 @@ the last complete checkpoint always loads. Older checkpoints beyond `keep` are d
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns when used without a process group; a world of one is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -86,7 +97,8 @@ def save_training_checkpoint(root: Path, world: World, model: torch.nn.Module, o
         "optimizer": get_optimizer_state_dict(model, optimizer),
         "ema": ema.state_dict(),
     }
-    dcp.save(tensors, checkpoint_id=str(tmp / "state"))
+    with _single_process_ok():
+        dcp.save(tensors, checkpoint_id=str(tmp / "state"))
     torch.save({"step": state.step, "scheduler": state.scheduler, "data": state.data, "rng": _rng_state()},
                tmp / f"trainer_rank{world.rank}.pt")
     barrier()
@@ -108,7 +120,8 @@ def load_training_checkpoint(path: Path, world: World, model: torch.nn.Module, o
         "optimizer": get_optimizer_state_dict(model, optimizer),
         "ema": ema.state_dict(),
     }
-    dcp.load(tensors, checkpoint_id=str(path / "state"))
+    with _single_process_ok():
+        dcp.load(tensors, checkpoint_id=str(path / "state"))
     set_model_state_dict(model, tensors["model"])
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     ema.load_state_dict(tensors["ema"])

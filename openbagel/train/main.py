@@ -16,9 +16,17 @@ def run(args: argparse.Namespace) -> int:
     from .recipes import apply_overrides, get_recipe
     from .trainer import Trainer
 
+    from pathlib import Path
+
+    from .embedded import ensure_autoencoder, periodic_eval
+
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
-    trainer = Trainer(cfg, args.out or f"runs/{args.recipe}", resume=args.resume)
-    history = trainer.train()
+    out = Path(args.out or f"runs/{args.recipe}")
+    if cfg.vae_from and "{out}" in cfg.vae_from:
+        cfg.vae_from = cfg.vae_from.format(out=out)
+        ensure_autoencoder(args.recipe, Path(cfg.vae_from))
+    trainer = Trainer(cfg, out, resume=args.resume)
+    history = trainer.train(on_step=periodic_eval(cfg.eval_every) if cfg.eval_every else None)
     if trainer.world.is_main and history:
         first, last = history[0], history[-1]
         print(f"step {last.step}: loss {first.loss:.4f} -> {last.loss:.4f} (ce {last.ce:.4f}, mse {last.mse:.4f}); "

@@ -65,7 +65,41 @@ def bagel_7b_finetune() -> TrainConfig:
     )
 
 
+def shapes_tiny() -> TrainConfig:
+    """The embedded model: every capability of BAGEL on the Shapes world, from scratch on a laptop CPU.
+
+    Stages: tokenizer, autoencoder (`embedded.AUTOENCODERS`), then the unified model. Sample efficiency
+    choices: latents from a Shapes-trained autoencoder (16 tokens per image), two noisy copies of each
+    target per context, training timesteps shifted toward high noise where the layout is decided, thinking
+    mostly on the reasoning tasks that need it.
+    """
+    return TrainConfig(
+        model="shapes-tiny",
+        vae_from="{out}/autoencoder",
+        data=DataConfig(
+            kind="shapes",
+            shapes_mix={"generate": 0.30, "edit": 0.28, "question": 0.14, "reason_edit": 0.12,
+                        "reason_question": 0.06, "chat": 0.10},
+            think_prob={"reason_edit": 0.7, "reason_question": 0.7, "default": 0.1},
+            target_copies=2,
+        ),
+        packing=PackingConfig(expected_num_tokens=448, max_num_tokens=512, max_num_tokens_per_sample=512,
+                              rows_per_batch=4, text_cond_dropout_prob=0.1, vae_cond_dropout_prob=0.1,
+                              vit_cond_dropout_prob=0.1),
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, schedule="cosine",
+                          warmup_steps=200, min_lr=5e-5, grad_clip=1.0),
+        steps=6000,
+        timestep_shift=2.0,
+        ema_decay=0.999,
+        seed=0,
+        log_every=10,
+        save_every=200,
+        eval_every=500,
+    )
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "shapes-tiny": shapes_tiny,
     "tiny": tiny,
     "tiny-shapes": tiny_shapes,
     "bagel-7b-finetune": bagel_7b_finetune,
@@ -79,7 +113,9 @@ def get_recipe(name: str) -> TrainConfig:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """`a.b=value` assignments; values are Python literals (3e-4, True, None, ['x.parquet']) or bare strings."""
+    """`a.b=value` assignments; values are Python literals (3e-4, True, None, ['x.parquet']) or bare strings.
+    Each touched section is validated again once all assignments are made."""
+    touched = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
@@ -102,6 +138,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if old is not None and value is not None and not isinstance(value, type(old)):
             raise ValueError(f"override {key!r}: expected {type(old).__name__}, got {value!r}")
         setattr(target, name, value)
-        if hasattr(target, "__post_init__"):
-            target.__post_init__()  # re-run the section's validation
+        touched.append(target)
+    for section in {id(t): t for t in touched}.values():
+        if hasattr(section, "__post_init__"):
+            section.__post_init__()
     return cfg

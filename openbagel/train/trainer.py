@@ -11,16 +11,19 @@ more ranks, computes the same numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..config import BagelConfig, preset
+from ..config import BagelConfig, VAEConfig, preset
 from ..data.packing import Packer, PackingConfig
 from ..data.sources import DataConfig, build_source
 from ..models.bagel import Bagel
@@ -60,6 +63,7 @@ class TrainConfig:
     model: str = "tiny"  # config preset for a random init (ignored with init_from)
     init_from: str | None = None  # checkpoint folder or hub id to fine-tune
     tokenizer: str | None = None  # tokenizer folder for a random init; None: train a BPE on the data
+    vae_from: str | None = None  # folder with ae.safetensors + ae_config.json (a trained autoencoder)
     data: DataConfig = field(default_factory=DataConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -78,6 +82,7 @@ class TrainConfig:
     seed: int = 4396
     device: str = "auto"
     log_every: int = 10
+    eval_every: int = 0  # Shapes runs: score the EMA with the detector this often (0 = never)
     save_every: int = 2000
     keep_checkpoints: int = 2
     export_ema: bool = True  # write the EMA in the official layout to OUT/export at the end
@@ -136,6 +141,10 @@ def apply_freezing(model: Bagel, cfg: TrainConfig) -> None:
         table.requires_grad_(False)
 
 
+def load_vae_config(folder: str | Path) -> VAEConfig:
+    return VAEConfig(**json.loads((Path(folder) / "ae_config.json").read_text()))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> None:
         self.cfg, self.out = cfg, Path(out_dir)
@@ -153,10 +162,14 @@ class Trainer:
         else:
             self.model_cfg = preset(cfg.model)
             self.tokenizer = self._tokenizer(source)
+            if cfg.vae_from:
+                self.model_cfg = dataclasses.replace(self.model_cfg, vae=load_vae_config(cfg.vae_from))
             with torch.random.fork_rng():  # the same init on every rank; the VAE keeps torch's default init
                 torch.manual_seed(cfg.seed)
                 model, vae = Bagel(self.model_cfg), AutoEncoder(self.model_cfg.vae)
                 model.init_weights()
+            if cfg.vae_from:
+                vae.load_state_dict(load_file(str(Path(cfg.vae_from) / "ae.safetensors")))
         self.model, self.vae = model.to(dev).train(), vae.to(dev).eval().requires_grad_(False)
         apply_freezing(self.model, cfg)
 
@@ -252,7 +265,8 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------------
 
-    def train(self) -> list[StepStats]:
+    def train(self, on_step=None) -> list[StepStats]:
+        """Run to cfg.steps. `on_step(trainer, stats)` is called after each step (e.g. a periodic eval)."""
         cfg, main = self.cfg, self.world.is_main
         log = MetricsLog(self.out) if main else None
         history: list[StepStats] = []
@@ -266,6 +280,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{s.loss:.4f}", ce=f"{s.ce:.3f}", mse=f"{s.mse:.3f}", tok_s=f"{tps:.0f}")
                 if log and (s.step % cfg.log_every == 0 or s.step == cfg.steps or s.step == 1):
                     log.log({**asdict(s), "tokens_per_s": tps})
+                if on_step is not None:
+                    on_step(self, s)
                 if s.step % cfg.save_every == 0 or s.step == cfg.steps:
                     self.save()
                     if main:

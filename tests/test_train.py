@@ -1,0 +1,109 @@
+"""Trainer: loss normalisation, resume exactness, atomic save under a crash, export then load."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from openbagel.checkpoint import load_checkpoint
+from openbagel.config import preset
+from openbagel.data.packing import PackingConfig
+from openbagel.data.sources import synthetic_source
+from openbagel.models.bagel import LossTerms
+from openbagel.tokenizer import train_tokenizer
+from openbagel.train import checkpointing
+from openbagel.train.losses import LossWeights, objective
+from openbagel.train.recipes import apply_overrides, tiny
+from openbagel.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    texts = [x.text for _, s in itertools.islice(synthetic_source(0)(0, 1), 200) for x in s if hasattr(x, "text")]
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, 512, preset("tiny").extra_special_tokens).save(path)
+    return path
+
+
+def small(tokenizer_dir, **overrides):
+    cfg = tiny()
+    cfg.tokenizer = str(tokenizer_dir)
+    cfg.data.image_size = 32
+    cfg.packing = PackingConfig(expected_num_tokens=60, max_num_tokens=128, max_num_tokens_per_sample=128,
+                                rows_per_batch=2)
+    cfg.steps, cfg.progress, cfg.export_ema, cfg.save_every = 4, False, False, 1000
+    cfg.optim.warmup_steps, cfg.ema_decay = 2, 0.5
+    return apply_overrides(cfg, [f"{k}={v!r}" for k, v in overrides.items()])
+
+
+def test_objective_is_global_per_token_mean():
+    """Micro-batch shares sum to the per-token mean of the whole batch, with the world-size factor."""
+    parts = [LossTerms(torch.tensor(6.0), torch.tensor(3.0), torch.tensor(2.0), torch.tensor(4.0)),
+             LossTerms(torch.tensor(4.0), torch.tensor(2.0), torch.tensor(1.0), torch.tensor(1.0))]
+    counts = torch.tensor([5.0, 5.0])
+    w = LossWeights(ce=0.5, mse=2.0)
+    total = sum(objective(p, counts, w, world_size=1) for p in parts)
+    assert torch.isclose(total, torch.tensor(0.5 * 10 / 5 + 2.0 * 3 / 5))
+    assert torch.isclose(objective(parts[0], counts, w, world_size=4), 4 * objective(parts[0], counts, w, 1))
+
+
+def params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_resume_is_exact(tmp_path, tokenizer_dir):
+    cfg = small(tokenizer_dir)
+    straight = Trainer(cfg, tmp_path / "a")
+    losses = [straight.train_step().loss for _ in range(4)]
+
+    first = Trainer(cfg, tmp_path / "b")
+    first.train_step(), first.train_step()
+    first.save()
+    del first
+    resumed = Trainer(cfg, tmp_path / "b", resume=True)
+    assert resumed.step == 2
+    assert [resumed.train_step().loss for _ in range(2)] == losses[2:]
+    a, b = params(straight), params(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(straight.ema.shadow[n], resumed.ema.shadow[n]) for n in straight.ema.shadow)
+    assert losses[-1] < losses[0]
+
+
+def test_crash_mid_save_keeps_last_good(tmp_path, tokenizer_dir, monkeypatch):
+    cfg = small(tokenizer_dir)
+    t = Trainer(cfg, tmp_path)
+    t.train_step()
+    good = t.save()
+    t.train_step()
+
+    def crash(state, checkpoint_id):  # half a shard on disk, then the process "dies"
+        Path(checkpoint_id).mkdir(parents=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\x00" * 100)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpointing.dcp, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        t.save()
+    monkeypatch.undo()
+    assert any(p.name.startswith(checkpointing.TMP_PREFIX) for p in t.ckpt_root.iterdir())
+    assert checkpointing.latest_checkpoint(t.ckpt_root) == good
+    again = Trainer(cfg, tmp_path, resume=True)
+    assert again.step == 1
+    again.train_step()
+    again.save()  # a later save clears the debris
+    assert not any(p.name.startswith(checkpointing.TMP_PREFIX) for p in t.ckpt_root.iterdir())
+
+
+def test_export_then_load(tmp_path, tokenizer_dir):
+    t = Trainer(small(tokenizer_dir, freeze_vit=True), tmp_path)
+    t.train_step(), t.train_step()
+    loaded = load_checkpoint(t.export(tmp_path / "export"))
+    state = loaded.model.state_dict()
+    for name, p in t.model.named_parameters():
+        expected = t.ema.shadow.get(name, p)  # frozen weights are exported as they are
+        assert torch.equal(state[name], expected.detach()), name
+    assert not torch.equal(t.ema.shadow["llm2vae.weight"], params(t)["llm2vae.weight"])
+    assert len(loaded.tokenizer) == len(t.tokenizer)
