@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_args(p, edit=True)
 
     p = command("batch", cmd_batch, "Run a JSONL file of tasks (generate, edit, understand, chat) in batches.",
-                "openbagel shapes sample --kind edit -n 8 --out tasks/ && openbagel batch tasks/tasks.jsonl --out results/")
+                "openbagel shapes sample --kind edit -n 8 --out tasks/\n"
+                "  openbagel batch tasks/tasks.jsonl --out results/")
     p.add_argument("tasks", help="tasks .jsonl file; image paths are relative to its folder")
     p.add_argument("--out", required=True, help="output folder (results.jsonl and images)")
     p.add_argument("--max-batch", type=int, default=16, help="tasks per forward batch (default 16)")

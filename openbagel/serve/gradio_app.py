@@ -35,7 +35,10 @@ def ratio_size(ratio: str, longest: int, stride: int) -> tuple[int, int]:
     return max(stride, round(h * scale / stride) * stride), max(stride, round(w * scale / stride) * stride)
 
 
-def _stream(call: Callable[[Callable[[int, str], None]], BagelOutput]) -> Iterator[tuple[str | None, BagelOutput | None]]:
+OnText = Callable[[int, str], None]
+
+
+def _stream(call: Callable[[OnText], BagelOutput]) -> Iterator[tuple[str | None, BagelOutput | None]]:
     """Run `call(on_text)` on a thread; yield (text so far, None) while it decodes, then (None, output)."""
     events: queue.Queue = queue.Queue()
 
@@ -84,7 +87,8 @@ class _Controls:
                     self._add("cfg_interval", gr.Slider(0.0, 1.0, f.cfg_interval[0], step=0.05,
                                                         label="Guidance interval start"))
                 with gr.Row():
-                    self._add("cfg_renorm_type", gr.Dropdown(RENORM_TYPES, value=f.cfg_renorm_type, label="Renorm type"))
+                    self._add("cfg_renorm_type", gr.Dropdown(RENORM_TYPES, value=f.cfg_renorm_type,
+                                                             label="Renorm type"))
                     self._add("cfg_renorm_min", gr.Slider(0.0, 1.0, f.cfg_renorm_min, step=0.05, label="Renorm min"))
                 with gr.Row():
                     self._add("num_inference_steps", gr.Slider(2, 100, f.num_timesteps, step=1, label="Steps"))
@@ -101,7 +105,7 @@ class _Controls:
         self.components.append(component)
 
     def settings(self, values: tuple) -> dict[str, Any]:
-        out = dict(zip(self.names, values))
+        out = dict(zip(self.names, values, strict=True))
         if "cfg_interval" in out:
             out["cfg_interval"] = (float(out["cfg_interval"]), 1.0)
         for key in ("num_inference_steps", "max_think_token_n"):
@@ -158,8 +162,8 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                     edit_think = gr.Checkbox(False, label="Thinking")
                     edit_button = gr.Button("Edit", variant="primary")
                     edit_controls = _Controls(pipe, "edit")
-                    gr.Examples([[e.image, e.text] for e in shapes_examples("edit") + shapes_examples("reason_edit", 2)],
-                                inputs=[source, instruction])
+                    examples = shapes_examples("edit") + shapes_examples("reason_edit", 2)
+                    gr.Examples([[e.image, e.text] for e in examples], inputs=[source, instruction])
                 with gr.Column():
                     edit_thought = gr.Textbox(label="Thinking process", visible=False, lines=4)
                     edited = gr.Image(label="Result", type="pil", format="png", height=384, elem_id="edit-image")
@@ -226,7 +230,8 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
             def gallery(s: EditSession | None) -> list:
                 if s is None:
                     return []
-                return [(s.source, "0. start")] + [(t.image, f"{k + 1}. {t.instruction}") for k, t in enumerate(s.turns)]
+                turns = [(t.image, f"{k + 1}. {t.instruction}") for k, t in enumerate(s.turns)]
+                return [(s.source, "0. start"), *turns]
 
             def chat(image: Image.Image | None, instruction: str, think: bool, s: EditSession | None, seed: float,
                      *values: Any):

@@ -50,7 +50,7 @@ class _Request(BaseModel):
         return {k: v for k, v in (self.model_extra or {}).items() if k not in self.IGNORED}
 
     @classmethod
-    def from_form(cls, fields: dict[str, str]) -> "_Request":
+    def from_form(cls, fields: dict[str, str]) -> _Request:
         """Validate multipart text fields: extra settings arrive as text ('3', 'true', '[0.4, 1.0]')."""
         return cls.model_validate({k: v if k in cls.model_fields else _form_value(v) for k, v in fields.items()})
 
@@ -110,7 +110,7 @@ class ContentPart(BaseModel):
     image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _has_payload(self) -> "ContentPart":
+    def _has_payload(self) -> ContentPart:
         if self.type == "text" and self.text is None:
             raise ValueError("a text part needs 'text'")
         if self.type == "image_url" and self.image_url is None:
