@@ -193,15 +193,28 @@ def attention_mask(doc: torch.Tensor, split: torch.Tensor, mode: torch.Tensor) -
     mode [L]: CAUSAL / FULL / NOISE of the token's split. Allowed iff same sample and (key not after
     query, or same non-causal split), and never into a noise split other than the query's own.
     Padding queries see only themselves, so no softmax row is empty.
+
+    Samples and splits are contiguous, so each query's keys are one range [sample start, end) where
+    end is the query itself (causal) or its split's end, minus the keys of other noise splits; ranges
+    compare far faster than pairwise sample/split ids.
     """
     L = doc.shape[0]
     idx = torch.arange(L)
-    same_doc = (doc[:, None] == doc[None, :]) & (doc[None, :] >= 0)
-    same_split = split[:, None] == split[None, :]
-    causal = idx[None, :] <= idx[:, None]
-    allowed = same_doc & (causal | (same_split & (mode[:, None] != CAUSAL)))
-    allowed &= ~((mode[None, :] == NOISE) & ~same_split)
-    return allowed | ((doc < 0)[:, None] & (idx[:, None] == idx[None, :]))
+    pad = doc < 0
+
+    def run_start(ids: torch.Tensor) -> torch.Tensor:  # first index of each token's run of equal ids
+        new = torch.ones(L, dtype=torch.bool)
+        new[1:] = ids[1:] != ids[:-1]
+        return torch.cummax(torch.where(new, idx, 0), 0).values
+
+    doc_start, split_start = run_start(doc), run_start(split)
+    split_end = L - run_start(split.flip(0)).flip(0)  # one past each token's split
+    hi = torch.where(mode == CAUSAL, idx + 1, split_end)
+    lo = torch.where(pad, idx, doc_start)
+    hi = torch.where(pad, idx + 1, hi)
+    j = idx[None, :]
+    own_split = (j >= split_start[:, None]) & (j < split_end[:, None])
+    return (j >= lo[:, None]) & (j < hi[:, None]) & (~(mode == NOISE)[None, :] | own_split)
 
 
 # ----- collate ------------------------------------------------------------------------------------
