@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from openbagel.checkpoint import load_checkpoint
 from openbagel.config import preset
 from openbagel.data.sources import synthetic_source
 from openbagel.models.bagel import Bagel
@@ -51,7 +52,7 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "openbagel.train", "tiny",
-                           *common, "grad_accum=1", "--out", str(tmp_path / "fsdp")],
+                           *common, "grad_accum=1", "export_ema=True", "--out", str(tmp_path / "fsdp")],
                           env=env, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -63,3 +64,5 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
     for name in single:
         torch.testing.assert_close(fsdp[name], single[name], rtol=1e-5, atol=1e-5, msg=name)
     assert single["llm2vae.weight"].abs().sum() > 0, "the zero-initialised velocity head must have been trained"
+    exported = load_checkpoint(tmp_path / "fsdp" / "export").model.state_dict()  # EMA gathered from shards
+    assert exported.keys() == single.keys()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..config import BagelConfig, VAEConfig, preset
+from ..data.interleaved import TextItem
 from ..data.packing import Packer, PackingConfig
 from ..data.sources import DataConfig, build_source
 from ..models.bagel import Bagel
@@ -201,7 +202,7 @@ class Trainer:
         folder = self.out / "tokenizer"
         if self.world.is_main and not (folder / "tokenizer.json").is_file():
             texts = [item.text for _, sample in zip(range(500), source(0, 1)) for item in sample
-                     if hasattr(item, "text")]
+                     if isinstance(item, TextItem)]
             train_tokenizer(texts, self.model_cfg.llm.vocab_size, self.model_cfg.extra_special_tokens).save(folder)
         barrier()
         return BagelTokenizer.from_dir(folder)
