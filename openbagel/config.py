@@ -316,6 +316,32 @@ PRESETS: dict[str, BagelConfig] = {
         },
         extra_special_tokens=("<think>", "</think>"),
     ),
+    # The embedded model: a small BAGEL trained from scratch on the Shapes world (64x64 images).
+    "shapes-tiny": BagelConfig(
+        llm=LLMConfig(
+            hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+        ),
+        vit=ViTConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
+                      patch_size=16, image_size=128),
+        vae=VAEConfig(ch=8, ch_mult=(1, 2, 4, 8), num_res_blocks=1, z_channels=16, norm_groups=2),
+        max_latent_size=8,
+        vit_max_num_patch_per_side=8,
+        vae_transform=ImageTransformConfig(max_size=64, min_size=32, stride=16),
+        vit_transform=ImageTransformConfig(max_size=64, min_size=32, stride=16),
+        default_image_size=(64, 64),
+        think_system_prompts={
+            "generation": "plan the picture inside <think></think> before you draw or edit it.",
+            "understanding": "list the facts you see inside <think></think> before you answer.",
+        },
+        # Shapes texts are short: cap decoding well above the longest caption or thought.
+        task_defaults={
+            "generate": {"num_timesteps": 20, "max_think_token_n": 160},
+            "edit": {"num_timesteps": 20, "max_think_token_n": 160},
+            "understand": {"max_think_token_n": 160},
+        },
+        extra_special_tokens=("<think>", "</think>"),
+    ),
 }
 
 

@@ -19,8 +19,11 @@ from openbagel.data.interleaved import ImageItem, Sample, TextItem
 from .render import render
 from .tasks import TRAIN_SEED_LIMIT, Task, task_stream
 
-GEN_THINK_SYSTEM = "plan the picture inside <think></think> before you draw or edit it."
-UND_THINK_SYSTEM = "list the facts you see inside <think></think> before you answer."
+from openbagel.config import PRESETS
+
+# The embedded model's think-mode system prompts are checkpoint data; the samples use the same strings.
+GEN_THINK_SYSTEM = PRESETS["shapes-tiny"].think_system_prompts["generation"]
+UND_THINK_SYSTEM = PRESETS["shapes-tiny"].think_system_prompts["understanding"]
 CANONICAL_SHARE = 0.5
 
 _PARAPHRASES = {
