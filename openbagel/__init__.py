@@ -1,1 +1,15 @@
-"""openbagel: an open, clean-room BAGEL."""
+"""openbagel: an open, clean-room BAGEL — understand, generate, edit, think, in plain PyTorch."""
+
+from .config import BagelConfig, LLMConfig, ViTConfig, VAEConfig, preset
+
+__version__ = "0.1.0"
+__all__ = ["BagelConfig", "BagelPipeline", "LLMConfig", "ViTConfig", "VAEConfig", "preset", "__version__"]
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in transformers; import it only when asked for.
+    if name == "BagelPipeline":
+        from .inference.pipeline import BagelPipeline
+
+        return BagelPipeline
+    raise AttributeError(name)
