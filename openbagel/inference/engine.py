@@ -20,6 +20,7 @@ from ..models.vae import AutoEncoder
 from ..processing import patchify_image, patchify_latent, unpatchify_latent
 from .kv_cache import KVCache
 from .sampler import FlowParams, cfg_active, cfg_combine, euler_step, timesteps
+from .step_cache import StepCacheConfig
 
 Row = tuple[KVCache, int]
 
@@ -74,6 +75,13 @@ class Engine:
         self.cfg = model.cfg
         self.bos_id, self.eos_id = bos_id, eos_id
         self.soi_id, self.eoi_id = start_of_image_id, end_of_image_id
+        # Denoising options (see docs/performance.md). `batch_guidance=False` runs the guidance branches
+        # one forward each (for benchmarks); `compile_step` wraps the denoising forward in torch.compile;
+        # `step_cache` reuses velocities between full forwards (opt-in, approximate).
+        self.batch_guidance = True
+        self.compile_step = False
+        self.step_cache: StepCacheConfig | None = None
+        self._compiled_step = None
 
     @property
     def device(self) -> torch.device:
@@ -281,7 +289,9 @@ class Engine:
             block[k, 0], block[k, c + 1] = soi, eoi
         row_index = torch.tensor(row_job, device=self.device)
         slots = cache.slots()
-        lm = self.model.language_model.model
+        row_routing = [ExpertRouting.from_mask(gen_mask[r:r + 1]) for r in range(R)] if not self.batch_guidance else []
+        step_fn = self._step_fn()
+        reuse = self.step_cache.start(steps - 1) if self.step_cache is not None else None
 
         ts = timesteps(steps, shift)
         dts = ts[:-1] - ts[1:]
@@ -294,20 +304,29 @@ class Engine:
             temb = self.model.time_embedder(ts[i:i + 1].to(self.device))
             for k, (x, c) in enumerate(zip(xs, counts)):
                 block[k, 1:1 + c] = self.model.vae2llm(x.to(self.dtype)) + temb + pos_emb[k]
-            h_in = block if r_now == len(jobs) else block[row_index[:r_now]]
-            hidden = lm(h_in, None, mask[:r_now], kv=[_view(s, r_now) for s in slots],
-                        rope=(cos[:r_now], sin[:r_now]), routing=routing_all if any_cfg else routing_cond)
-            # 4. Velocities, guidance, Euler step per job.
+            # 4. Raw velocities of every row (all guidance branches): one batched forward, or predicted.
+            v_rows = reuse.predict(i, t, r_now, block) if reuse is not None else None
+            if v_rows is None:
+                h_in = block if r_now == len(jobs) else block[row_index[:r_now]]
+                if self.batch_guidance:
+                    plan = [(slice(0, r_now), routing_all if any_cfg else routing_cond)]
+                else:
+                    plan = [(slice(r, r + 1), row_routing[r]) for r in range(r_now)]
+                hidden = torch.cat([step_fn(h_in[s], mask[s], [_view(sl, s) for sl in slots], cos[s], sin[s], routing)
+                                    for s, routing in plan])
+                v_rows = self.model.llm2vae(hidden).float()
+                if reuse is not None:
+                    reuse.update(t, v_rows)
+            # 5. Guidance and Euler step per job.
             for k, j in enumerate(jobs):
                 c = counts[k]
-                v_cond = self.model.llm2vae(hidden[k, 1:1 + c]).float()
+                v_cond = v_rows[k, 1:1 + c]
                 v = v_cond
                 if any_cfg and cfg_active(t, j.params.cfg_interval) and k in text_row:
-                    v_text = self.model.llm2vae(hidden[text_row[k], 1:1 + c]).float()
+                    v_text = v_rows[text_row[k], 1:1 + c]
                     v_img = None
                     if j.params.uses_img_cfg:
-                        v_img = v_cond if j.img_ctx_is_cond else (
-                            self.model.llm2vae(hidden[img_row[k], 1:1 + c]).float() if k in img_row else None)
+                        v_img = v_cond if j.img_ctx_is_cond else (v_rows[img_row[k], 1:1 + c] if k in img_row else None)
                     p = j.params
                     v = cfg_combine(v_cond, v_text, v_img, p.cfg_text_scale, p.cfg_img_scale,
                                     p.cfg_renorm_type, p.cfg_renorm_min)
@@ -320,6 +339,19 @@ class Engine:
                 progress(i + 1, steps - 1)
         return xs
 
+    def _step_fn(self) -> Callable[..., torch.Tensor]:
+        """The denoising forward of a block of rows against their caches (optionally torch.compile'd)."""
+        lm = self.model.language_model.model
+
+        def step(x, mask, kv, cos, sin, routing):
+            return lm(x, None, mask, kv=kv, rope=(cos, sin), routing=routing)
+
+        if not self.compile_step:
+            return step
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(step, dynamic=None)
+        return self._compiled_step
+
     @torch.no_grad()
     def decode_latents(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Latent tokens -> image [3, H, W] in [-1, 1] through the VAE."""
@@ -329,9 +361,9 @@ class Engine:
         return self.vae.decode(z[None].to(self.device, vae_dtype))[0].float()
 
 
-def _view(slot: KVSlot, rows: int) -> KVSlot:
-    """The first `rows` rows of a layer's KV slot (a view: writes land in the shared cache)."""
-    return KVSlot(slot.k[:rows], slot.v[:rows], slot.start)
+def _view(slot: KVSlot, rows: slice) -> KVSlot:
+    """Some rows of a layer's KV slot (a view: writes land in the shared cache)."""
+    return KVSlot(slot.k[rows], slot.v[rows], slot.start)
 
 
 def sample_next(logits: torch.Tensor, params: TextParams,
