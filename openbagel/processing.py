@@ -131,6 +131,6 @@ def open_image(source, name: str = "image") -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageLoadError(f"{name} is too large to decode safely (decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        reason = "truncated file" if "truncated" in str(exc) else "unknown or corrupt format"
+        reason = "truncated file" if "truncated" in str(exc).lower() else "unknown or corrupt format"
         raise ImageLoadError(f"{name} is not a readable image ({reason}); use a PNG, JPEG or WebP file") from None
     return to_rgb(image)

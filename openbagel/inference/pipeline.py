@@ -174,7 +174,8 @@ class BagelPipeline:
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         dh, dw = self.config.default_image_size
-        height, width = height or dh, width or dw
+        height = dh if height is None else height  # 0 is an error, not 'the default'
+        width = dw if width is None else width
         stride, top = self.config.latent_downsample, self.config.max_image_side
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int):
