@@ -1,0 +1,122 @@
+"""Engine speed-ups keep the results: batched guidance, step caching, int8 weights, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from openbagel.inference.quantize import Int8Linear, quantize, weight_bytes
+from openbagel.inference.step_cache import StepCacheConfig, newton_extrapolate
+
+
+def _jobs(pipe, task: str, steps: int = 6) -> list:
+    """The ImageJobs the pipeline builds for a task (captured from generate_images)."""
+    captured = []
+    original = pipe.engine.generate_images
+    pipe.engine.generate_images = lambda jobs, *a, **k: captured.extend(jobs) or original(jobs, *a, **k)
+    try:
+        if task == "t2i":
+            pipe.generate("a red circle", height=64, width=64, seed=0, num_inference_steps=steps)
+        else:
+            image = Image.new("RGB", (64, 64), (200, 30, 30))
+            pipe.edit(image, "make the square blue", seed=0, num_inference_steps=steps)
+    finally:
+        del pipe.engine.generate_images
+    return captured
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _generate(pipe, jobs, **options) -> torch.Tensor:
+    eng = pipe.engine
+    saved = {k: getattr(eng, k) for k in options}
+    for k, v in options.items():
+        setattr(eng, k, v)
+    try:
+        return eng.generate_images(jobs)[0]
+    finally:
+        for k, v in saved.items():
+            setattr(eng, k, v)
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_batched_guidance_equals_one_branch_at_a_time(tiny_pipeline, task):
+    jobs = _jobs(tiny_pipeline, task)
+    batched = _generate(tiny_pipeline, jobs, batch_guidance=True)
+    one_by_one = _generate(tiny_pipeline, jobs, batch_guidance=False)
+    assert _rel(batched, one_by_one) < 1e-5
+
+
+def test_newton_extrapolation_is_exact_for_polynomials():
+    ts = [1.0, 0.8, 0.5]
+    vs = [torch.tensor([3 * t * t - t + 2]) for t in ts]
+    assert torch.allclose(newton_extrapolate(ts, vs, 0.3), torch.tensor([3 * 0.09 - 0.3 + 2]))
+    assert torch.allclose(newton_extrapolate(ts[-2:], vs[-2:], 0.5), vs[-1])
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_step_cache_never_skipping_is_exact(tiny_pipeline, task):
+    jobs = _jobs(tiny_pipeline, task)
+    plain = _generate(tiny_pipeline, jobs)
+    cached = _generate(tiny_pipeline, jobs, step_cache=StepCacheConfig(interval=1))
+    assert torch.equal(plain, cached)
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_step_cache_keeps_guidance(tiny_pipeline, task):
+    """Skipping every other step stays close to the full run and far from the unguided one."""
+    jobs = _jobs(tiny_pipeline, task, steps=12)
+    eng = tiny_pipeline.engine
+    forwards = []
+    hook = eng.model.language_model.model.register_forward_pre_hook(lambda m, a: forwards.append(a[0].shape[0]))
+    try:
+        cached = _generate(tiny_pipeline, jobs, step_cache=StepCacheConfig(interval=2, order=1))
+    finally:
+        hook.remove()
+    plain = _generate(tiny_pipeline, jobs)
+    p = jobs[0].params
+    unguided_jobs = [type(j)(**{**j.__dict__, "params": type(p)(**{**p.__dict__, "cfg_text_scale": 1.0})})
+                     for j in jobs]
+    unguided = _generate(tiny_pipeline, unguided_jobs)
+    assert len(forwards) < 11  # some steps skipped
+    assert max(forwards) == (3 if task == "edit" else 2)  # every branch still computed when it runs
+    err, gap = _rel(cached, plain), _rel(unguided, plain)
+    assert err < 0.05 and err < gap / 5, (err, gap)
+
+
+def test_int8_linear_matches_fp32():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(5, 64)
+    assert q.weight.dtype == torch.int8
+    with torch.no_grad():
+        assert _rel(q(x), lin(x)) < 1e-2
+
+
+def test_int8_pipeline_runs_and_shrinks(tiny_checkpoint):
+    from openbagel.inference.pipeline import BagelPipeline
+
+    pipe = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    jobs = _jobs(pipe, "t2i")
+    plain = _generate(pipe, jobs)
+    llm = pipe.engine.model.language_model
+    before = weight_bytes(llm)
+    quantize(pipe.engine.model, "int8")
+    assert weight_bytes(llm) < 0.5 * before
+    out = _generate(pipe, jobs)
+    assert _rel(out, plain) < 0.05
+    assert pipe.understand(None, "what color is the triangle?", max_new_tokens=3).raw_text is not None
+
+
+@pytest.mark.slow
+def test_compiled_step_matches(tiny_pipeline):
+    jobs = _jobs(tiny_pipeline, "edit", steps=3)
+    plain = _generate(tiny_pipeline, jobs)
+    compiled = _generate(tiny_pipeline, jobs, compile_step=True)
+    tiny_pipeline.engine._compiled_step = None
+    assert _rel(compiled, plain) < 1e-5
