@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RENORM_TYPES = ("global", "local", "text_channel")
+RENORM_TYPES = ("global", "channel", "text_channel")  # = sampler.RENORM_TYPES (not imported: keeps --help fast)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
