@@ -23,7 +23,7 @@ from openbagel.data.batch import PAD, TEXT
 from openbagel.data.interleaved import ImageItem, TextItem
 from openbagel.data.packing import CAUSAL, IGNORE, NOISE, Packer, PackingConfig, collate, tokenize
 from openbagel.data.sources import synthetic_source
-from openbagel.inference.sampler import RENORM_TYPES, FlowParams, cfg_active, cfg_combine, timesteps
+from openbagel.inference.sampler import EPS, RENORM_TYPES, FlowParams, cfg_active, cfg_combine, timesteps
 from openbagel.inference.settings import resolve
 from openbagel.tokenizer import train_tokenizer
 
@@ -173,7 +173,8 @@ def test_guidance_of_identical_predictions_changes_nothing(case):
     v = case["v_cond"]
     out = cfg_combine(v, v.clone(), v.clone(), case["text_scale"], case["img_scale"], case["renorm_type"],
                       case["renorm_min"])
-    torch.testing.assert_close(out, v)
+    # Exact but for the renorm's EPS in the denominator, which image guidance can amplify.
+    torch.testing.assert_close(out, v, rtol=0, atol=2 * EPS * (1 + case["img_scale"]))
 
 
 @settings(max_examples=300, deadline=None)
