@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -140,7 +141,8 @@ def report(rows: list[dict[str, Any]], columns: list[str], out: str | Path, meta
     for r in rows:
         print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    command = "python " + " ".join(sys.argv)
+    Path(out).write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
