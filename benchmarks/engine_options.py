@@ -80,6 +80,7 @@ def main() -> None:
                              "speedup": round(base[task]["median_s"] / m["median_s"], 2), "forwards": forwards,
                              **quality(pipe, jobs[0], latent, reference[task]),
                              "contended": m["contended"] or base[task]["contended"], **extra, "timing": m})
+                print(name, option, task, m["median_s"], "s", flush=True)
 
             for task in all_jobs:
                 record("default", task, base[task])
