@@ -129,7 +129,7 @@ def load_training_checkpoint(path: Path, world: World, model: torch.nn.Module, o
     if not extra_file.is_file():
         raise FileNotFoundError(f"{extra_file} is missing: resume with the same number of ranks as the run "
                                 "(the data position is per rank)")
-    extra = torch.load(extra_file, weights_only=False)  # our own file: python RNG state is a tuple
+    extra = torch.load(extra_file, weights_only=True)  # plain types only: a tampered file cannot run code
     _set_rng_state(extra["rng"])
     return TrainState(step=extra["step"], scheduler=extra["scheduler"], data=extra["data"])
 
