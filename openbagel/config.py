@@ -324,7 +324,7 @@ PRESETS: dict[str, BagelConfig] = {
         ),
         vit=ViTConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
                       patch_size=16, image_size=128),
-        vae=VAEConfig(ch=8, ch_mult=(1, 2, 4, 8), num_res_blocks=1, z_channels=16, norm_groups=2),
+        vae=VAEConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=16, norm_groups=4),
         max_latent_size=8,
         vit_max_num_patch_per_side=8,
         vae_transform=ImageTransformConfig(max_size=64, min_size=32, stride=16),

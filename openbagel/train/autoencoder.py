@@ -32,6 +32,8 @@ class AutoencoderRecipe:
     lr: float = 2e-3
     warmup: int = 50
     mean_penalty: float = 1e-4
+    foreground_weight: float = 8.0  # extra loss weight on object pixels (most pixels are background)
+    grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
     save_every: int = 250  # calibrate and write a usable autoencoder this often
@@ -41,6 +43,11 @@ def shapes_batch(rng: random.Random, n: int) -> torch.Tensor:
     """Random scenes of 0-9 objects, weighted toward the 1-4 of generated sources."""
     counts = [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9]
     return torch.stack([to_tensor(render(random_scene(rng, rng.choice(counts)))) for _ in range(n)])
+
+
+def foreground(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] mask of pixels that differ from the image's corner (background) colour."""
+    return (x - x[:, :, :1, :1]).abs().amax(dim=1, keepdim=True).gt(0.01).float()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,10 +75,12 @@ def train_autoencoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print)
         mean, logvar = ae.posterior(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         y = ae.decoder(z)
-        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + recipe.mean_penalty * mean.pow(2).mean()
+        w = 1.0 + recipe.foreground_weight * foreground(x)
+        err = y - x
+        loss = ((err.abs() + err.pow(2)) * w).sum() / (w.sum() * 3) + recipe.mean_penalty * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), recipe.grad_clip)
         opt.step()
         sched.step()
         if step % recipe.log_every == 0 or step == recipe.steps:

@@ -16,7 +16,8 @@ from ..config import PRESETS
 from .autoencoder import AutoencoderRecipe, train_autoencoder
 
 AUTOENCODERS: dict[str, AutoencoderRecipe] = {
-    "shapes-tiny": AutoencoderRecipe(vae=PRESETS["shapes-tiny"].vae, steps=1500, batch_size=16, lr=3e-3),
+    "shapes-tiny": AutoencoderRecipe(vae=PRESETS["shapes-tiny"].vae, steps=3500, batch_size=16, lr=2e-3,
+                                     grad_clip=1e9, foreground_weight=8.0, save_every=500),
 }
 QUICK_EVAL_KINDS = {"generate": (False,), "edit": (False,), "question": (False,), "reason_edit": (True,)}
 
