@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -436,7 +435,8 @@ SERVER_CASES = {
         "content": b'{"prompt": "x", "guidance_scale": NaN}', "headers": {"Content-Type": "application/json"}},
         "must be finite"),
     "generation-non-utf8-body": ("/v1/images/generations", {
-        "content": b'{"prompt": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}, "error parsing the body"),
+        "content": b'{"prompt": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}},
+        "error parsing the body"),
     "generation-prompt-missing": ("/v1/images/generations", {"json": {"n": 1}}, "prompt: Field required"),
     "chat-no-user-message": ("/v1/chat/completions", {"json": {"messages": [{"role": "system", "content": "hi"}]}},
                              "no user message"),

@@ -2,8 +2,9 @@
 
 The app (with its model thread, queue, limits and sessions database) is served in process over ASGI,
 so no port or startup wait is involved. Every operation of /openapi.json gets a bounded number of
-generated requests (valid and invalid bodies, paths and parameters, with the API key). A 4xx is a correct answer to a bad request; the
-only 5xx allowed is a 504 from the per-request timeout (generated settings may ask for long work).
+generated requests (valid and invalid bodies, paths and parameters, with the API key). A 4xx is a
+correct answer to a bad request; the only 5xx allowed is a 504 from the per-request timeout
+(generated settings may ask for long work).
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def run_load(base_url: str, clients: int, requests: int, headers: dict[str, str]
     wall = time.perf_counter() - t0
     ok = statuses.get(200, 0)
     return {"clients": clients, "requests": requests, "ok": ok, "rejected_429": statuses.get(429, 0),
-            "errors": requests - ok - statuses.get(429, 0), "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "errors": requests - ok - statuses.get(429, 0),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "p50_ms": round(1000 * percentile(latencies, 50), 1) if latencies else None,
             "p99_ms": round(1000 * percentile(latencies, 99), 1) if latencies else None,
             "max_ms": round(1000 * max(latencies), 1) if latencies else None,
