@@ -159,7 +159,7 @@ class BagelPipeline:
         generator = req.generator or torch.Generator().manual_seed(_seed(req.seed))
         vae_image = vit_image = None
         height, width = req.height, req.width
-        if req.task in ("edit", "understand") and req.image is None and req.task == "edit":
+        if req.task == "edit" and req.image is None:
             raise InputError("edit needs an input image")
         if req.image is not None:
             if req.task == "generate":

@@ -92,11 +92,7 @@ def save_training_checkpoint(root: Path, world: World, model: torch.nn.Module, o
             shutil.rmtree(stale)
         tmp.mkdir()
     barrier()
-    tensors = {
-        "model": get_model_state_dict(model),
-        "optimizer": get_optimizer_state_dict(model, optimizer),
-        "ema": ema.state_dict(),
-    }
+    tensors = _state_tensors(model, optimizer, ema)
     with _single_process_ok():
         dcp.save(tensors, checkpoint_id=str(tmp / "state"))
     torch.save({"step": state.step, "scheduler": state.scheduler, "data": state.data, "rng": _rng_state()},
@@ -112,14 +108,19 @@ def save_training_checkpoint(root: Path, world: World, model: torch.nn.Module, o
     return final
 
 
-def load_training_checkpoint(path: Path, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             ema: EMA) -> TrainState:
-    """Restore tensors in place (resharding as needed), RNG states, and return step/scheduler/data."""
-    tensors = {
+def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA) -> dict:
+    """The (possibly sharded) tensors a training checkpoint saves and restores in place."""
+    return {
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, optimizer),
         "ema": ema.state_dict(),
     }
+
+
+def load_training_checkpoint(path: Path, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             ema: EMA) -> TrainState:
+    """Restore tensors in place (resharding as needed), RNG states, and return step/scheduler/data."""
+    tensors = _state_tensors(model, optimizer, ema)
     with _single_process_ok():
         dcp.load(tensors, checkpoint_id=str(path / "state"))
     set_model_state_dict(model, tensors["model"])
