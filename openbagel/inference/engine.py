@@ -98,9 +98,22 @@ class Engine:
 
     def _forward_block(self, cache: KVCache, x: torch.Tensor, n: torch.Tensor, causal: bool,
                        gen_mask: torch.Tensor | None, commit: bool, advance: torch.Tensor) -> torch.Tensor:
-        """Run block x [B, L, H] (row b has n[b] real tokens) against the cache; optionally keep it."""
+        """Run block x [B, L, H] (row b has n[b] real tokens) against the cache; optionally keep it.
+
+        Only the span of rows that have tokens is computed: an input image enters the `gen` rows but
+        not the `cfg_img` rows after them, and padding those rows would double the prefill's FLOPs.
+        """
         B, L, _ = x.shape
         cache.reserve(L)
+        live = (n > 0).nonzero().flatten().tolist()
+        if live and (live[0], live[-1] + 1) != (0, B):
+            r0, r1 = live[0], live[-1] + 1
+            part = cache.rows(r0, r1)
+            hidden = x.new_zeros(x.shape)
+            hidden[r0:r1] = self._forward_block(part, x[r0:r1], n[r0:r1], causal,
+                                                None if gen_mask is None else gen_mask[r0:r1], commit, advance[r0:r1])
+            cache.used = part.used
+            return hidden
         positions = cache.rope[:, None].expand(B, L)
         if causal:
             positions = positions + torch.arange(L, device=x.device)[None]

@@ -68,6 +68,14 @@ class KVCache:
         self.used += L
         self.rope += advance_rope
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop): blocks committed through it are written into this cache.
+
+        Reserve room here first (a view that grows would detach), and copy `used` back afterwards.
+        """
+        return KVCache(k=[t[start:stop] for t in self.k], v=[t[start:stop] for t in self.v],
+                       valid=self.valid[start:stop], rope=self.rope[start:stop], used=self.used)
+
     def select(self, rows: list[int]) -> "KVCache":
         """A new cache holding copies of the given rows (trimmed to the used slots)."""
         idx = torch.tensor(rows, device=self.valid.device)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..config import VAEConfig
 from ..models.vae import AutoEncoder
@@ -37,6 +38,8 @@ class AutoencoderRecipe:
     seed: int = 0
     log_every: int = 50
     save_every: int = 250  # calibrate and write a usable autoencoder this often
+    polish_steps: int = 0  # then train the decoder alone (latents stay fixed) with a short annealed schedule
+    polish_lr: float = 3e-4
 
 
 def shapes_batch(rng: random.Random, n: int) -> torch.Tensor:
@@ -65,12 +68,51 @@ def train_autoencoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print)
     # Train with unit scale/shift; the real constants are measured afterwards.
     cfg = replace(recipe.vae, scale_factor=1.0, shift_factor=0.0)
     ae = AutoEncoder(cfg)
-    opt = torch.optim.AdamW(ae.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup)
-                                              * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
-    history = []
+    history: list[dict] = []
     start = time.time()
-    for step in range(1, recipe.steps + 1):
+    _fit(ae, list(ae.parameters()), recipe, recipe.steps, recipe.lr, rng, history, log,
+         save=lambda: save_autoencoder(ae, recipe, out_dir, history, time.time() - start))
+    metrics = save_autoencoder(ae, recipe, out_dir, history, time.time() - start)
+    if recipe.polish_steps:
+        metrics = polish_decoder(recipe, out_dir, log)
+    return ae, metrics
+
+
+def polish_decoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print) -> dict:
+    """Train only the decoder of the saved autoencoder: sharper renders of the very same latents.
+
+    The encoder, hence the latent space the transformer learns, is untouched, so this stage can run
+    before, during or after the unified training. Marks `ae_metrics.json` with `polished_steps`.
+    """
+    out_dir = Path(out_dir)
+    ae = AutoEncoder(replace(recipe.vae, scale_factor=1.0, shift_factor=0.0))
+    ae.load_state_dict(load_file(str(out_dir / "ae.safetensors")))
+    ae.encoder.requires_grad_(False)
+    before = json.loads((out_dir / "ae_metrics.json").read_text())
+    history = before.get("history", [])
+    done = len(history)
+    start = time.time()
+    rng = random.Random(recipe.seed + 7)
+    _fit(ae, list(ae.decoder.parameters()), recipe, recipe.polish_steps, recipe.polish_lr, rng, history, log,
+         save=lambda: None)
+    for rec in history[done:]:
+        rec["stage"] = "decoder polish"
+    constants = json.loads((out_dir / "ae_config.json").read_text())
+    metrics = save_autoencoder(ae, recipe, out_dir, history, before.get("train_seconds", 0.0) + time.time() - start,
+                               constants=(constants["scale_factor"], constants["shift_factor"]))
+    metrics["polished_steps"] = recipe.polish_steps
+    (out_dir / "ae_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _fit(ae: AutoEncoder, params: list, recipe: AutoencoderRecipe, steps: int, lr: float, rng: random.Random,
+         history: list[dict], log, save) -> None:
+    """Warm-up + cosine AdamW on L1 + MSE (object pixels weighted up) of posterior samples."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start = time.time()
+    for step in range(1, steps + 1):
         x = shapes_batch(rng, recipe.batch_size)
         mean, logvar = ae.posterior(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -80,28 +122,31 @@ def train_autoencoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print)
         loss = ((err.abs() + err.pow(2)) * w).sum() / (w.sum() * 3) + recipe.mean_penalty * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), recipe.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         opt.step()
         sched.step()
-        if step % recipe.log_every == 0 or step == recipe.steps:
+        if step % recipe.log_every == 0 or step == steps:
             rec = {"step": step, "loss": loss.item(), "psnr": psnr(y.detach(), x),
                    "logvar": logvar.mean().item(), "elapsed_s": time.time() - start}
             history.append(rec)
             log(json.dumps(rec))
-        if step % recipe.save_every == 0 and step < recipe.steps:
-            m = save_autoencoder(ae, recipe, out_dir, history, time.time() - start)
-            log(json.dumps({"step": step, "psnr_db": m["psnr_db"], "detector_exact": m["detector_exact"]}))
-    metrics = save_autoencoder(ae, recipe, out_dir, history, time.time() - start)
-    return ae, metrics
+        if step % recipe.save_every == 0 and step < steps:
+            m = save()
+            if m:
+                log(json.dumps({"step": step, "psnr_db": m["psnr_db"], "detector_exact": m["detector_exact"]}))
 
 
-def save_autoencoder(ae: AutoEncoder, recipe: AutoencoderRecipe, out_dir: Path, history: list, seconds: float) -> dict:
-    """Calibrate scale/shift on fresh scenes, then write ae.safetensors, ae_config.json, ae_metrics.json."""
+def save_autoencoder(ae: AutoEncoder, recipe: AutoencoderRecipe, out_dir: Path, history: list, seconds: float,
+                     constants: tuple[float, float] | None = None) -> dict:
+    """Calibrate scale/shift on fresh scenes (or keep the given `constants`: the latent space a transformer
+    was trained on), then write ae.safetensors, ae_config.json, ae_metrics.json."""
     from safetensors.torch import save_file
 
     ae.eval()
     metrics = calibrate_and_evaluate(ae, random.Random(recipe.seed + 1))
     ae.train()
+    if constants is not None:
+        metrics["scale_factor"], metrics["shift_factor"] = constants
     metrics["train_seconds"] = seconds
     metrics["history"] = history
     final_cfg = replace(recipe.vae, scale_factor=metrics["scale_factor"], shift_factor=metrics["shift_factor"])

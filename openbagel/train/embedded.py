@@ -13,23 +13,29 @@ import time
 from pathlib import Path
 
 from ..config import PRESETS
-from .autoencoder import AutoencoderRecipe, train_autoencoder
+from .autoencoder import AutoencoderRecipe, polish_decoder, train_autoencoder
 
 AUTOENCODERS: dict[str, AutoencoderRecipe] = {
     "shapes-tiny": AutoencoderRecipe(vae=PRESETS["shapes-tiny"].vae, steps=3500, batch_size=16, lr=2e-3,
-                                     grad_clip=1e9, foreground_weight=8.0, save_every=500),
+                                     grad_clip=1e9, foreground_weight=8.0, save_every=500,
+                                     polish_steps=1500, polish_lr=3e-4),
 }
 QUICK_EVAL_KINDS = {"generate": (False,), "edit": (False,), "question": (False,), "reason_edit": (True,)}
 
 
 def ensure_autoencoder(recipe_name: str, folder: Path, log=print) -> None:
     """Train the recipe's autoencoder into `folder` unless it is already there."""
+    recipe = AUTOENCODERS.get(recipe_name)
     if (folder / "ae.safetensors").is_file() and (folder / "ae_config.json").is_file():
+        metrics = folder / "ae_metrics.json"
+        if recipe and recipe.polish_steps and metrics.is_file() and "polished_steps" not in json.loads(metrics.read_text()):
+            log(f"stage 1b: polishing the decoder of {folder}")
+            polish_decoder(recipe, folder, log=log)
         return
-    if recipe_name not in AUTOENCODERS:
+    if recipe is None:
         raise FileNotFoundError(f"{folder} holds no autoencoder and recipe {recipe_name!r} has no autoencoder stage")
     log(f"stage 1: training the autoencoder into {folder}")
-    train_autoencoder(AUTOENCODERS[recipe_name], folder, log=log)
+    train_autoencoder(recipe, folder, log=log)
 
 
 def periodic_eval(every: int, n: int = 3):
