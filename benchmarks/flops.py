@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/flops.py [--configs tiny,mid] [--side 128] [--steps 6] [--threads 2]
        python benchmarks/flops.py --configs wide --side 256 --steps 5     # the wide slice, ~4 GiB
+       python benchmarks/flops.py --phases --configs wide --side 256 --steps 5 --out benchmarks/flops_phases_wide.json
 For a text-to-image (2 branches) and an edit (3 branches) it counts, per branch, the FLOPs the
 official code would execute for one step (matmuls of both experts' projections and MLPs, attention
 over context + block, vae2llm / llm2vae), times our whole denoising loop, and divides. The same run
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from openbagel.inference.sampler import cfg_active, timesteps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_config, environment, measure, random_pipeline, report, task_jobs  # noqa: E402
+from common import (PROMPT_EDIT, PROMPT_T2I, bench_config, environment, measure, random_pipeline,  # noqa: E402
+                    report, task_jobs, test_image)
 from matmul_peak import SHAPES, gflops  # noqa: E402
 
 
@@ -46,6 +50,73 @@ def embed_flops(cfg, latents: int) -> int:
     return 2 * latents * cfg.patch_latent_dim * H + 2 * (256 * H + H * H)
 
 
+# Engine entry points, one per phase of a pipeline call; none of them calls another.
+PHASES = {"vae.encode": "vae encode", "model.embed_vit": "vit", "_prefill_image_rows": "image prefill",
+          "prefill_text": "text prefill", "generate_images": "denoise", "decode_latents": "vae decode"}
+
+
+def phase_breakdown(pipe, call, repeat: int) -> dict[str, dict[str, float]]:
+    """Executed FLOPs (one counted call) and median seconds (`repeat` timed calls) of each phase of
+    `call`; `other` is the rest of the wall time (tokenising, image conversion, Python glue)."""
+    counting = {"on": False}
+    flops: dict[str, float] = defaultdict(float)
+    seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(owner, attr: str, phase: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            if counting["on"]:
+                with FlopCounterMode(display=False) as counter:
+                    out = inner(*args, **kwargs)
+                flops[phase] += counter.get_total_flops()
+            else:
+                out = inner(*args, **kwargs)
+            seconds[phase] += time.perf_counter() - start
+            return out
+
+        object.__setattr__(owner, attr, timed)
+
+    for path, phase in PHASES.items():
+        *parents, attr = path.split(".")
+        owner = pipe.engine
+        for name in parents:
+            owner = getattr(owner, name)
+        wrap(owner, attr, phase)
+    counting["on"] = True
+    call()
+    counting["on"] = False
+    runs = []
+    for _ in range(repeat):
+        seconds.clear()
+        start = time.perf_counter()
+        call()
+        runs.append({**seconds, "total": time.perf_counter() - start})
+    runs.sort(key=lambda r: r["total"])
+    median = runs[len(runs) // 2]
+    out = {phase: {"gflop": flops[phase] / 1e9, "s": median.get(phase, 0.0)} for phase in dict.fromkeys(PHASES.values())}
+    out["other"] = {"gflop": 0.0, "s": median["total"] - sum(v["s"] for v in out.values())}
+    out["total"] = {"gflop": sum(flops.values()) / 1e9, "s": median["total"]}
+    return out
+
+
+def phase_rows(cfg_name: str, pipe, side: int, steps: int, repeat: int, peak: float) -> list[dict]:
+    """One row per phase of a whole text-to-image and a whole edit call."""
+    calls = {"t2i": lambda: pipe.generate(PROMPT_T2I, height=side, width=side, seed=0, num_inference_steps=steps),
+             "edit": lambda: pipe.edit(test_image(side), PROMPT_EDIT, seed=0, num_inference_steps=steps)}
+    rows = []
+    for task, call in calls.items():
+        for phase, v in phase_breakdown(pipe, call, repeat).items():
+            if v["s"] < 1e-4 and not v["gflop"]:
+                continue
+            rate = v["gflop"] / v["s"] if v["s"] else 0.0
+            rows.append({"config": cfg_name, "task": task, "phase": phase, "gflop": round(v["gflop"], 2),
+                         "seconds": round(v["s"], 3), "gflops": round(rate, 1),
+                         "fraction_of_peak": round(rate / peak, 3) if v["gflop"] else None})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default="tiny,mid")
@@ -54,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/flops.json")
+    parser.add_argument("--phases", action="store_true",
+                        help="instead: FLOPs, seconds and fraction of peak of every phase of whole t2i / edit calls")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,6 +137,9 @@ def main() -> None:
         for name in args.configs.split(","):
             cfg = bench_config(name)
             pipe = random_pipeline(cfg, Path(tmp) / name)
+            if args.phases:
+                rows += phase_rows(name, pipe, args.side, args.steps, args.repeat, peak)
+                continue
             eng = pipe.engine
             for task, jobs in task_jobs(pipe, args.side, args.steps).items():
                 job = jobs[0]
@@ -102,6 +178,11 @@ def main() -> None:
                     "vae_gflops": round(vae_flops / t_vae["median_s"] / 1e9, 1),
                     "contended": t_loop["contended"] or t_vae["contended"], "loop": t_loop, "vae": t_vae,
                 })
+    if args.phases:
+        report(rows, ["config", "task", "phase", "gflop", "seconds", "gflops", "fraction_of_peak"], args.out,
+               {"benchmark": "flops --phases", "side": args.side, "steps": args.steps, "peak_gflops": round(peak, 1),
+                **environment(args.threads)})
+        return
     report(rows, ["config", "task", "latents", "step_gflop_per_branch", "loop_gflop", "executed_gflop", "loop_s",
                   "loop_gflops", "fraction_of_peak", "vae_gflops", "contended"], args.out,
            {"benchmark": "flops", "side": args.side, "peak_gflops": round(peak, 1), **environment(args.threads)})

@@ -187,6 +187,50 @@ def test_padded_batch_rows_equal_separate_rows(tiny_pipeline):
     assert torch.allclose(packed.k[0][0, :, :n], alone.k[0][0, :, :n], atol=1e-5)
 
 
+def test_image_prefill_computes_only_the_rows_it_fills(tiny_pipeline, source):
+    """An input image enters the gen row, not the cfg_img row after it: that row is not computed,
+    and the gen row's keys equal those of a cache that holds the gen row alone."""
+    from openbagel.processing import to_tensor
+
+    eng = tiny_pipeline.engine
+    image = to_tensor(source.resize((64, 64)))
+    rows_seen: list[int] = []
+    layer = eng.model.language_model.model.layers[0]
+    hook = layer.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        both, alone = eng.new_cache(2), eng.new_cache(1)
+        eng.prefill_vit_images(both, [image, None])
+        eng.prefill_vit_images(alone, [image])
+    finally:
+        hook.remove()
+    assert rows_seen == [1, 1]
+    n = int(alone.valid.sum())
+    assert n > 0 and int(both.valid[0].sum()) == n and int(both.valid[1].sum()) == 0
+    assert both.used == alone.used and int(both.rope[0]) == int(alone.rope[0]) and int(both.rope[1]) == 0
+    assert torch.allclose(both.k[0][0, :, :n], alone.k[0][0, :, :n], atol=1e-6)
+
+
+def test_decoding_stops_at_the_models_last_position(tiny_pipeline):
+    from dataclasses import replace
+
+    from openbagel.inference.engine import TextParams
+
+    eng, tok = tiny_pipeline.engine, tiny_pipeline.tokenizer
+    cfg = eng.cfg
+    cache = eng.new_cache(1)
+    eng.prefill_text(cache, [tok.text_block("a large red circle at the top left")])
+    used = int(cache.rope[0])
+    params = TextParams(max_new_tokens=500, do_sample=True, temperature=5.0)
+    try:
+        eng.cfg = replace(cfg, llm=replace(cfg.llm, max_position_embeddings=used + 4))
+        ids = eng.decode(cache.fork(), params, [torch.Generator().manual_seed(0)])
+        assert len(ids[0]) <= 3
+        eng.cfg = replace(cfg, llm=replace(cfg.llm, max_position_embeddings=used))
+        assert eng.decode(cache.fork(), params) == [[]]
+    finally:
+        eng.cfg = cfg
+
+
 # ----- sessions and batch files ---------------------------------------------------------------------
 
 

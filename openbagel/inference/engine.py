@@ -228,15 +228,17 @@ class Engine:
                on_tokens: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
         """Greedy or sampled decoding from each row (the cache is extended; fork it first to keep it).
 
-        Feeds `<|im_start|>` at each row's position, then one token per step, until `<|im_end|>` or
-        `max_new_tokens`. Returns the generated ids per row, without the end token.
+        Feeds `<|im_start|>` at each row's position, then one token per step, until `<|im_end|>`,
+        `max_new_tokens`, or the model's `max_position_embeddings` (positions it never saw in training).
+        Returns the generated ids per row, without the end token.
         """
         B = cache.batch
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         token = torch.full((B,), self.bos_id, dtype=torch.long, device=self.device)
         one = torch.ones(B, dtype=torch.long, device=self.device)
-        for _ in range(params.max_new_tokens):
+        room = self.cfg.llm.max_position_embeddings - int(cache.rope.max()) - 1
+        for _ in range(min(params.max_new_tokens, max(room, 0))):
             x = self.model.embed_text(token[:, None])
             hidden = self._forward_block(cache, x, one, causal=True, gen_mask=None, commit=True, advance=one)
             logits = self.model.language_model.lm_head(hidden[:, -1]).float()
