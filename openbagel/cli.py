@@ -46,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="weights dtype (default: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the decoder layers in CPU memory and stream each to --device when it runs "
+                        "(for GPUs too small for the model; slower)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, *, image: bool = True, edit: bool = False) -> None:
@@ -88,7 +91,7 @@ def load_pipeline(args: argparse.Namespace):
         raise CheckpointError(f"the embedded model is not in this install ({EMBEDDED_MODEL}); "
                               "pass --model with a checkpoint folder or a hub id")
     print(f"loading {args.model or 'the embedded model'} ...", file=sys.stderr)
-    return BagelPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    return BagelPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
 
 
 def _open(path: str, name: str):

@@ -231,6 +231,24 @@ def test_decoding_stops_at_the_models_last_position(tiny_pipeline):
         eng.cfg = cfg
 
 
+def test_layer_offload_matches_and_keeps_layers_off_the_device(tiny_checkpoint, tiny_pipeline, source):
+    """`offload=True` streams each decoder layer in when it runs (on CPU the mechanics are the same:
+    between calls the layers' parameters are placeholders on the meta device)."""
+    from openbagel.inference.offload import offloaded
+    from openbagel.inference.pipeline import BagelPipeline
+
+    pipe = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32", offload=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert offloaded(pipe.engine.model) and not offloaded(tiny_pipeline.engine.model)
+    assert {p.device.type for p in pipe.engine.model.language_model.model.layers.parameters()} == {"meta"}
+    for run in (lambda q: q.edit(source, "make it blue", seed=5, num_inference_steps=3).images[0],
+                lambda q: q.generate("a red circle", seed=5, num_inference_steps=3).images[0]):
+        assert np.array_equal(np.asarray(run(pipe)), np.asarray(run(tiny_pipeline)))
+    assert (pipe.understand(source, "what?", max_new_tokens=4).raw_text
+            == tiny_pipeline.understand(source, "what?", max_new_tokens=4).raw_text)
+    assert {p.device.type for p in pipe.engine.model.language_model.model.layers.parameters()} == {"meta"}
+
+
 # ----- sessions and batch files ---------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from ..checkpoint import LoadedCheckpoint, load_checkpoint
 from ..processing import resize, to_pil, to_rgb, to_tensor
 from .engine import Engine, ImageJob, TextParams
 from .kv_cache import KVCache
+from .offload import offload_layers
 from .settings import TaskSettings, resolve
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -82,12 +83,21 @@ class BagelPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None) -> "BagelPipeline":
-        """Load a checkpoint directory or hub id (default: the embedded Shapes model shipped in the package)."""
+                        dtype: torch.dtype | str | None = None, offload: bool = False) -> "BagelPipeline":
+        """Load a checkpoint directory or hub id (default: the embedded Shapes model shipped in the package).
+
+        `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
+        (`inference/offload.py`): for GPUs that cannot hold the whole model.
+        """
         device = torch.device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
         path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
-        return cls(load_checkpoint(path, device=device, dtype=dtype))
+        if not offload:
+            return cls(load_checkpoint(path, device=device, dtype=dtype))
+        checkpoint = load_checkpoint(path, device="cpu", dtype=dtype)
+        offload_layers(checkpoint.model, device)
+        checkpoint.vae.to(device)
+        return cls(checkpoint)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar_enabled = not disable
