@@ -2,8 +2,8 @@
 
 The decoder layers stay in CPU memory and each one is copied to the accelerator just before it runs
 (accelerate's `cpu_offload` hooks); everything else (embeddings, lm_head, ViT, connectors, VAE) and the
-KV caches live on the accelerator. For BAGEL-7B-MoT the 28 MoT layers are 14 B of its 14.7 B parameters
-(about 27 GB in bf16), so a GPU holds about 2.5 GB of weights plus caches and one layer at a time, at
+KV caches live on the accelerator. For BAGEL-7B-MoT the 28 MoT layers are 13.1 B of its 14.6 B parameters
+(24.3 GiB in bf16), so a GPU holds 2.9 GiB of weights plus caches and one 0.87 GiB layer at a time, at
 the price of streaming every layer over PCIe on every forward: a memory option, not a speed one.
 """
 
