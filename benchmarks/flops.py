@@ -76,23 +76,29 @@ def phase_breakdown(pipe, call, repeat: int) -> dict[str, dict[str, float]]:
             seconds[phase] += time.perf_counter() - start
             return out
 
-        object.__setattr__(owner, attr, timed)
+        object.__setattr__(owner, attr, timed)  # an instance attribute shadows the method until removed
+        wrapped.append((owner, attr))
 
+    wrapped: list[tuple[object, str]] = []
     for path, phase in PHASES.items():
         *parents, attr = path.split(".")
         owner = pipe.engine
         for name in parents:
             owner = getattr(owner, name)
         wrap(owner, attr, phase)
-    counting["on"] = True
-    call()
-    counting["on"] = False
     runs = []
-    for _ in range(repeat):
-        seconds.clear()
-        start = time.perf_counter()
+    try:
+        counting["on"] = True
         call()
-        runs.append({**seconds, "total": time.perf_counter() - start})
+        counting["on"] = False
+        for _ in range(repeat):
+            seconds.clear()
+            start = time.perf_counter()
+            call()
+            runs.append({**seconds, "total": time.perf_counter() - start})
+    finally:
+        for owner, attr in wrapped:
+            object.__delattr__(owner, attr)
     runs.sort(key=lambda r: r["total"])
     median = runs[len(runs) // 2]
     out = {phase: {"gflop": flops[phase] / 1e9, "s": median.get(phase, 0.0)} for phase in dict.fromkeys(PHASES.values())}

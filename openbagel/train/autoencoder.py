@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ..config import VAEConfig
 from ..models.vae import AutoEncoder
@@ -98,11 +98,9 @@ def polish_decoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print) ->
     for rec in history[done:]:
         rec["stage"] = "decoder polish"
     constants = json.loads((out_dir / "ae_config.json").read_text())
-    metrics = save_autoencoder(ae, recipe, out_dir, history, before.get("train_seconds", 0.0) + time.time() - start,
-                               constants=(constants["scale_factor"], constants["shift_factor"]))
-    metrics["polished_steps"] = recipe.polish_steps
-    (out_dir / "ae_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return save_autoencoder(ae, recipe, out_dir, history, before.get("train_seconds", 0.0) + time.time() - start,
+                            constants=(constants["scale_factor"], constants["shift_factor"]),
+                            extra={"polished_steps": recipe.polish_steps})
 
 
 def _fit(ae: AutoEncoder, params: list, recipe: AutoencoderRecipe, steps: int, lr: float, rng: random.Random,
@@ -137,16 +135,15 @@ def _fit(ae: AutoEncoder, params: list, recipe: AutoencoderRecipe, steps: int, l
 
 
 def save_autoencoder(ae: AutoEncoder, recipe: AutoencoderRecipe, out_dir: Path, history: list, seconds: float,
-                     constants: tuple[float, float] | None = None) -> dict:
+                     constants: tuple[float, float] | None = None, extra: dict | None = None) -> dict:
     """Calibrate scale/shift on fresh scenes (or keep the given `constants`: the latent space a transformer
     was trained on), then write ae.safetensors, ae_config.json, ae_metrics.json."""
-    from safetensors.torch import save_file
-
     ae.eval()
     metrics = calibrate_and_evaluate(ae, random.Random(recipe.seed + 1))
     ae.train()
     if constants is not None:
         metrics["scale_factor"], metrics["shift_factor"] = constants
+    metrics.update(extra or {})
     metrics["train_seconds"] = seconds
     metrics["history"] = history
     final_cfg = replace(recipe.vae, scale_factor=metrics["scale_factor"], shift_factor=metrics["shift_factor"])
