@@ -119,3 +119,24 @@ def test_compiled_step_matches(tiny_pipeline):
     compiled = _generate(tiny_pipeline, jobs, compile_step=True)
     tiny_pipeline.engine._compiled_step = None
     assert _rel(compiled, plain) < 1e-5
+
+
+def test_column_span_routing_matches_the_gather_path():
+    """A denoising block (boundary, latents, boundary in every row) routes by slices; same result as gathers."""
+    from openbagel.models.qwen2_mot import ExpertRouting
+
+    B, L, C = 3, 7, 5
+    gen_mask = torch.zeros(B, L, dtype=torch.bool)
+    gen_mask[:, 1:6] = True
+    span = ExpertRouting.from_mask(gen_mask)
+    assert span.gen_cols == (1, 6)
+    gather = replace(span, gen_cols=None)
+    und, gen = torch.nn.Linear(C, 4), torch.nn.Linear(C, 4)
+    x = torch.randn(B, L, C)
+    torch.testing.assert_close(span.apply(x, und, gen), gather.apply(x, und, gen), rtol=0, atol=0)
+    # Rows that differ, or a gap in the generation tokens, keep the gather path.
+    gen_mask[1, 5] = False
+    assert ExpertRouting.from_mask(gen_mask).gen_cols is None
+    gapped = torch.zeros(1, L, dtype=torch.bool)
+    gapped[0, [1, 2, 4]] = True
+    assert ExpertRouting.from_mask(gapped).gen_cols is None

@@ -25,26 +25,42 @@ class ExpertRouting:
 
     `gen` / `und` are index tensors into the flattened block; `None` for `gen` means every token
     uses the understanding expert (text and ViT blocks), which skips the gather entirely.
+    `gen_cols` = (a, b) when every row's generation tokens are exactly columns a..b-1 (a denoising
+    block: boundary token, latents, boundary token): slices then replace the gather and scatter.
     """
 
     und: torch.Tensor | None
     gen: torch.Tensor | None
+    gen_cols: tuple[int, int] | None = None
 
     @classmethod
     def from_mask(cls, gen_mask: torch.Tensor | None) -> "ExpertRouting":
         if gen_mask is None or not bool(gen_mask.any()):
             return cls(und=None, gen=None)
         flat = gen_mask.flatten()
-        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
+        cols = gen_mask[0].nonzero().flatten()
+        a, b = int(cols[0]), int(cols[-1]) + 1
+        same_span = b - a == cols.numel() and bool((gen_mask == gen_mask[:1]).all())
+        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1),
+                   gen_cols=(a, b) if same_span else None)
 
-    def apply(self, x: torch.Tensor, und_fn, gen_fn, out_dim: int | None = None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, und_fn, gen_fn) -> torch.Tensor:
         """Run `und_fn` on understanding rows and `gen_fn` on generation rows of x [B, L, C]."""
         if self.gen is None:
             return und_fn(x)
         B, L, C = x.shape
+        if self.gen_cols is not None:
+            a, b = self.gen_cols
+            gen_out = gen_fn(x[:, a:b])
+            out = x.new_empty(B, L, gen_out.shape[-1], dtype=gen_out.dtype)
+            out[:, a:b] = gen_out
+            if b - a < L:
+                und_out = und_fn(torch.cat([x[:, :a], x[:, b:]], dim=1))
+                out[:, :a], out[:, b:] = und_out[:, :a], und_out[:, a:]
+            return out
         flat = x.reshape(B * L, C)
         gen_out = gen_fn(flat[self.gen])
-        out = flat.new_empty(B * L, out_dim or gen_out.shape[-1], dtype=gen_out.dtype)
+        out = flat.new_empty(B * L, gen_out.shape[-1], dtype=gen_out.dtype)
         out[self.gen] = gen_out
         if self.und.numel():
             out[self.und] = und_fn(flat[self.und])
