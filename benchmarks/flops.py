@@ -3,12 +3,14 @@
 Usage: python benchmarks/flops.py [--configs tiny,mid] [--side 128] [--steps 6] [--threads 2]
        python benchmarks/flops.py --configs wide --side 256 --steps 5     # the wide slice, ~4 GiB
        python benchmarks/flops.py --phases --configs wide --side 256 --steps 5 --out benchmarks/flops_phases_wide.json
+       python benchmarks/flops.py --compile --configs wide --side 256 --steps 5 --out benchmarks/flops_wide_compiled.json
 For a text-to-image (2 branches) and an edit (3 branches) it counts, per branch, the FLOPs the
 official code would execute for one step (matmuls of both experts' projections and MLPs, attention
 over context + block, vae2llm / llm2vae), times our whole denoising loop, and divides. The same run
 measures the fp32 matmul peak (benchmarks/matmul_peak.py), so the ratio is our distance to the limit.
 `torch.utils.flop_counter` also counts what we really execute (padding included) as a cross-check,
-and the VAE decode is counted and timed the same way.
+and the VAE decode is counted and timed the same way. `--compile` times the loop with
+`engine.compile_step` (compiled once per task in the untimed warm-up call).
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/flops.json")
+    parser.add_argument("--compile", action="store_true", help="time the loop with engine.compile_step")
     parser.add_argument("--phases", action="store_true",
                         help="instead: FLOPs, seconds and fraction of peak of every phase of whole t2i / edit calls")
     args = parser.parse_args()
@@ -165,7 +168,11 @@ def main() -> None:
                 with FlopCounterMode(display=False) as counter:
                     latent = eng.generate_images(jobs)[0]
                 executed = counter.get_total_flops()
+                if args.compile:  # a fresh compile per task: the context length differs between tasks
+                    torch._dynamo.reset()
+                    eng.compile_step, eng._compiled_step = True, None
                 t_loop = measure(lambda: eng.generate_images(jobs), args.repeat)
+                eng.compile_step = False
                 with FlopCounterMode(display=False) as counter:
                     eng.decode_latents(latent, job.height, job.width)
                 vae_flops = counter.get_total_flops()
@@ -191,7 +198,8 @@ def main() -> None:
         return
     report(rows, ["config", "task", "latents", "step_gflop_per_branch", "loop_gflop", "executed_gflop", "loop_s",
                   "loop_gflops", "fraction_of_peak", "vae_gflops", "contended"], args.out,
-           {"benchmark": "flops", "side": args.side, "peak_gflops": round(peak, 1), **environment(args.threads)})
+           {"benchmark": "flops", "side": args.side, "compile": args.compile, "peak_gflops": round(peak, 1),
+            **environment(args.threads)})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""The 7B-MoT configuration on a GPU: seconds per image, peak memory and MFU of text-to-image and edit.
+
+Usage (random weights built directly on the device, no checkpoint on disk; one process per variant):
+    python benchmarks/gpu_7b.py                                  # bagel-7b-mot, bf16, 1024², 50 steps
+    python benchmarks/gpu_7b.py --quantize torchao-int8          # or torchao-int4, bnb-int8, bnb-nf4
+    python benchmarks/gpu_7b.py --offload                        # decoder layers streamed from CPU memory
+    python benchmarks/gpu_7b.py --config wide --device cpu --dtype fp32 --side 64 --steps 3   # smoke run
+For each task it reports the median seconds per image (after one warm-up call), the peak accelerator
+memory (CUDA: max_memory_allocated; CPU: the process's resident high-water mark), the FLOPs of one whole
+call as `torch.utils.flop_counter` counts them (prefill, denoising, VAE), and MFU = FLOPs / seconds / peak,
+where the peak is the card's dense bf16 figure (`--peak-tflops`, known for H100 / H200 / A100) or, on
+CPU, the fp32 matmul peak measured in the same run. Issue 8's bar: 1024² text-to-image in <= 8 s on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (GiB, PROMPT_EDIT, PROMPT_T2I, TOKENIZER_TEXTS, bench_config, environment, measure,  # noqa: E402
+                    peak_rss, report, reset_peak_rss, test_image)
+from matmul_peak import SHAPES, gflops  # noqa: E402
+
+from openbagel.checkpoint import LoadedCheckpoint  # noqa: E402
+from openbagel.inference.offload import offload_layers  # noqa: E402
+from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
+from openbagel.inference.quantize import MODES, quantize  # noqa: E402
+from openbagel.models.bagel import Bagel  # noqa: E402
+from openbagel.models.vae import AutoEncoder  # noqa: E402
+from openbagel.tokenizer import train_tokenizer  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
+DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def random_pipeline_on(cfg, device: torch.device, dtype: torch.dtype, offload: bool) -> BagelPipeline:
+    """A randomly initialised model built in place (meta, then empty storage on the device, then init)."""
+    tokenizer = train_tokenizer(TOKENIZER_TEXTS, vocab_size=min(300, cfg.llm.vocab_size),
+                                extra_special_tokens=("<think>", "</think>"))
+    build_on = torch.device("cpu") if offload else device
+    with torch.device("meta"):
+        model, vae = Bagel(cfg).to(dtype), AutoEncoder(cfg.vae)
+    model.to_empty(device=build_on)
+    vae.to_empty(device=device)
+    gen = torch.Generator(build_on).manual_seed(0)
+    model.init_weights(std=0.02, generator=gen)
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(0.0, 0.02, generator=gen)  # non-zero velocities
+        for module in vae.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    for p in [*model.parameters(), *vae.parameters()]:
+        p.requires_grad_(False)
+    if offload:
+        offload_layers(model, device)
+    pipe = BagelPipeline(LoadedCheckpoint(cfg, model.eval(), vae.eval(), tokenizer, Path(".")))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def card_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in DENSE_BF16_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
+        if key in name:
+            return value
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="bagel-7b-mot", help="a preset or benchmarks/common.py config")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--quantize", choices=MODES, default=None)
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense peak (default: known cards)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU smoke runs)")
+    parser.add_argument("--out", default="benchmarks/gpu_7b.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device here; pass --device cpu for a smoke run at a small --config and --side")
+
+    start = time.perf_counter()
+    pipe = random_pipeline_on(bench_config(args.config), device, DTYPES[args.dtype], args.offload)
+    if args.quantize:
+        quantize(pipe.engine.model, args.quantize)
+    build_s = time.perf_counter() - start
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    elif card_peak_tflops(device):
+        peak, peak_source = card_peak_tflops(device), f"data sheet, {torch.cuda.get_device_name(device)}"
+    else:
+        peak, peak_source = max(gflops(m, k, n, seconds_budget=0.5) for m, k, n in SHAPES) / 1e3, "measured fp32 matmul"
+
+    def reset_memory() -> None:
+        torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else reset_peak_rss()
+
+    def peak_memory() -> float:
+        return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / GiB
+
+    settings = dict(num_inference_steps=args.steps, seed=0)
+    tasks = {
+        "t2i": lambda: pipe.generate(PROMPT_T2I, height=args.side, width=args.side, **settings),
+        "edit": lambda: pipe.edit(test_image(args.side), PROMPT_EDIT, **settings),
+    }
+    rows = []
+    for task, call in tasks.items():
+        reset_memory()
+        timing = measure(call, args.repeat)  # the first (warm-up) call is not timed
+        memory = peak_memory()
+        with FlopCounterMode(display=False) as counter:
+            call()
+        flops = counter.get_total_flops()
+        achieved = flops / timing["median_s"] / 1e12
+        rows.append({"task": task, "side": args.side, "steps": args.steps, "seconds": timing["median_s"],
+                     "peak_memory_gib": round(memory, 2), "flop": flops, "tflop": round(flops / 1e12, 2),
+                     "tflops": round(achieved, 1), "mfu": round(achieved / peak, 3), "timing": timing})
+    variant = args.quantize or ("offload" if args.offload else args.dtype)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report(rows, ["task", "side", "steps", "seconds", "peak_memory_gib", "tflop", "tflops", "mfu"], args.out,
+           {"benchmark": "gpu_7b", "config": args.config, "variant": variant, "device": device_name,
+            "peak_tflops": round(peak, 2), "peak_source": peak_source, "build_s": round(build_s, 1),
+            **environment(args.threads)})
+
+
+if __name__ == "__main__":
+    main()

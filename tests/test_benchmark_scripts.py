@@ -1,0 +1,23 @@
+"""The GPU benchmark script runs end to end (on CPU, at the unit-test size), so it works when a GPU comes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_runs_on_cpu_at_small_size(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_7b.py"), "--config", "tiny", "--device", "cpu",
+           "--dtype", "fp32", "--side", "64", "--steps", "3", "--repeat", "1", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["peak_source"] == "measured fp32 matmul"
+    assert [r["task"] for r in report["rows"]] == ["t2i", "edit"]
+    for row in report["rows"]:
+        assert row["seconds"] > 0 and row["flop"] > 0 and row["peak_memory_gib"] > 0
+        assert 0 < row["mfu"] < 1.5
