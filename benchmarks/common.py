@@ -43,16 +43,21 @@ def bench_config(name: str) -> BagelConfig:
     return preset(name)
 
 
+def bench_tokenizer(cfg: BagelConfig):
+    """A small BPE tokenizer trained on a few Shapes-like texts (random models need no real vocabulary)."""
+    from openbagel.tokenizer import train_tokenizer
+
+    return train_tokenizer(TOKENIZER_TEXTS, vocab_size=min(300, cfg.llm.vocab_size),
+                           extra_special_tokens=("<think>", "</think>"))
+
+
 def random_pipeline(cfg: BagelConfig, directory: Path, seed: int = 0):
     """A random checkpoint of `cfg` written to `directory` (with a small trained tokenizer), loaded fp32 on CPU."""
     from openbagel.checkpoint import random_checkpoint
     from openbagel.inference.pipeline import BagelPipeline
-    from openbagel.tokenizer import train_tokenizer
 
     if not (directory / "ema.safetensors").is_file():
-        tokenizer = train_tokenizer(TOKENIZER_TEXTS, vocab_size=min(300, cfg.llm.vocab_size),
-                                    extra_special_tokens=("<think>", "</think>"))
-        random_checkpoint(directory, cfg, tokenizer, seed=seed)
+        random_checkpoint(directory, cfg, bench_tokenizer(cfg), seed=seed)
     pipe = BagelPipeline.from_pretrained(directory, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -170,7 +170,7 @@ def main() -> None:
                 executed = counter.get_total_flops()
                 if args.compile:  # a fresh compile per task: the context length differs between tasks
                     torch._dynamo.reset()
-                    eng.compile_step, eng._compiled_step = True, None
+                    eng.compile_step = True
                 t_loop = measure(lambda: eng.generate_images(jobs), args.repeat)
                 eng.compile_step = False
                 with FlopCounterMode(display=False) as counter:

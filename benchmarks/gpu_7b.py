@@ -23,17 +23,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GiB, PROMPT_EDIT, PROMPT_T2I, TOKENIZER_TEXTS, bench_config, environment, measure,  # noqa: E402
+from common import (GiB, PROMPT_EDIT, PROMPT_T2I, bench_config, bench_tokenizer, environment, measure,  # noqa: E402
                     peak_rss, report, reset_peak_rss, test_image)
 from matmul_peak import SHAPES, gflops  # noqa: E402
 
-from openbagel.checkpoint import LoadedCheckpoint  # noqa: E402
+from openbagel.checkpoint import LoadedCheckpoint, init_random  # noqa: E402
 from openbagel.inference.offload import offload_layers  # noqa: E402
 from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
 from openbagel.inference.quantize import MODES, quantize  # noqa: E402
 from openbagel.models.bagel import Bagel  # noqa: E402
 from openbagel.models.vae import AutoEncoder  # noqa: E402
-from openbagel.tokenizer import train_tokenizer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
@@ -42,17 +41,14 @@ DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 3
 
 def random_pipeline_on(cfg, device: torch.device, dtype: torch.dtype, offload: bool) -> BagelPipeline:
     """A randomly initialised model built in place (meta, then empty storage on the device, then init)."""
-    tokenizer = train_tokenizer(TOKENIZER_TEXTS, vocab_size=min(300, cfg.llm.vocab_size),
-                                extra_special_tokens=("<think>", "</think>"))
     build_on = torch.device("cpu") if offload else device
     with torch.device("meta"):
         model, vae = Bagel(cfg).to(dtype), AutoEncoder(cfg.vae)
     model.to_empty(device=build_on)
     vae.to_empty(device=device)
     gen = torch.Generator(build_on).manual_seed(0)
-    model.init_weights(std=0.02, generator=gen)
+    init_random(model, generator=gen)
     with torch.no_grad():
-        model.llm2vae.weight.normal_(0.0, 0.02, generator=gen)  # non-zero velocities
         for module in vae.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -60,7 +56,7 @@ def random_pipeline_on(cfg, device: torch.device, dtype: torch.dtype, offload: b
         p.requires_grad_(False)
     if offload:
         offload_layers(model, device)
-    pipe = BagelPipeline(LoadedCheckpoint(cfg, model.eval(), vae.eval(), tokenizer, Path(".")))
+    pipe = BagelPipeline(LoadedCheckpoint(cfg, model.eval(), vae.eval(), bench_tokenizer(cfg), Path(".")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -99,10 +95,11 @@ def main() -> None:
     if args.quantize:
         quantize(pipe.engine.model, args.quantize)
     build_s = time.perf_counter() - start
+    card_peak = card_peak_tflops(device)
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops, "--peak-tflops"
-    elif card_peak_tflops(device):
-        peak, peak_source = card_peak_tflops(device), f"data sheet, {torch.cuda.get_device_name(device)}"
+    elif card_peak:
+        peak, peak_source = card_peak, f"data sheet, {torch.cuda.get_device_name(device)}"
     else:
         peak, peak_source = max(gflops(m, k, n, seconds_budget=0.5) for m, k, n in SHAPES) / 1e3, "measured fp32 matmul"
 

@@ -183,7 +183,12 @@ def random_checkpoint(directory: str | Path, config: BagelConfig, tokenizer: Bag
     torch.manual_seed(seed)  # the VAE keeps torch's default init
     gen = torch.Generator().manual_seed(seed)
     model, vae = Bagel(config), AutoEncoder(config.vae)
-    model.init_weights(std=std, generator=gen)
-    with torch.no_grad():
-        model.llm2vae.weight.normal_(0.0, std, generator=gen)  # non-zero so velocities are not all zero
+    init_random(model, std, gen)
     return save_checkpoint(directory, config, model, vae, tokenizer)
+
+
+def init_random(model: Bagel, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Random weights for tests and benchmarks: the training init, plus a non-zero velocity head."""
+    model.init_weights(std=std, generator=generator)
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(0.0, std, generator=generator)  # non-zero so velocities are not all zero

@@ -74,7 +74,7 @@ class Engine:
         self.model, self.vae = model, vae
         self.cfg = model.cfg
         if next(vae.parameters()).device.type in ("cpu", "cuda"):
-            # oneDNN / cuDNN convolutions run faster channels-last: a small VAE decodes 1.5x faster on CPU.
+            # oneDNN / cuDNN convolutions run faster channels-last (a small VAE decodes ~1.3x faster on CPU).
             vae.to(memory_format=torch.channels_last)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.soi_id, self.eoi_id = start_of_image_id, end_of_image_id
