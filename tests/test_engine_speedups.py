@@ -140,3 +140,12 @@ def test_column_span_routing_matches_the_gather_path():
     gapped = torch.zeros(1, L, dtype=torch.bool)
     gapped[0, [1, 2, 4]] = True
     assert ExpertRouting.from_mask(gapped).gen_cols is None
+    # A packed training batch whose first row has no generation tokens (regression: crashed on cols[0]).
+    first_row_empty = torch.zeros(2, L, dtype=torch.bool)
+    first_row_empty[1, 2:4] = True
+    routing = ExpertRouting.from_mask(first_row_empty)
+    assert routing.gen_cols is None
+    x = torch.randn(2, L, C)
+    expected = und(x)
+    expected[1, 2:4] = gen(x[1, 2:4])
+    torch.testing.assert_close(routing.apply(x, und, gen), expected)

@@ -38,11 +38,12 @@ class ExpertRouting:
         if gen_mask is None or not bool(gen_mask.any()):
             return cls(und=None, gen=None)
         flat = gen_mask.flatten()
-        cols = gen_mask[0].nonzero().flatten()
-        a, b = int(cols[0]), int(cols[-1]) + 1
-        same_span = b - a == cols.numel() and bool((gen_mask == gen_mask[:1]).all())
-        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1),
-                   gen_cols=(a, b) if same_span else None)
+        gen_cols = None
+        if bool((gen_mask == gen_mask[:1]).all()):  # every row routes the same columns (packed rows may not)
+            cols = gen_mask[0].nonzero().flatten()
+            a, b = int(cols[0]), int(cols[-1]) + 1
+            gen_cols = (a, b) if b - a == cols.numel() else None
+        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1), gen_cols=gen_cols)
 
     def apply(self, x: torch.Tensor, und_fn, gen_fn) -> torch.Tensor:
         """Run `und_fn` on understanding rows and `gen_fn` on generation rows of x [B, L, C]."""
