@@ -23,10 +23,10 @@ from .layers import RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin
 class ExpertRouting:
     """Which flattened token positions of a [B, L] block use the generation expert.
 
-    `gen` / `und` are index tensors into the flattened block; `None` for `gen` means every token
-    uses the understanding expert (text and ViT blocks), which skips the gather entirely.
     `gen_cols` = (a, b) when every row's generation tokens are exactly columns a..b-1 (a denoising
     block: boundary token, latents, boundary token): slices then replace the gather and scatter.
+    Otherwise `gen` / `und` are index tensors into the flattened block; `None` for `gen` means every
+    token uses the understanding expert (text and ViT blocks), which skips the gather entirely.
     """
 
     und: torch.Tensor | None
@@ -38,17 +38,15 @@ class ExpertRouting:
         if gen_mask is None or not bool(gen_mask.any()):
             return cls(und=None, gen=None)
         flat = gen_mask.flatten()
-        gen_cols = None
         if bool((gen_mask == gen_mask[:1]).all()):  # every row routes the same columns (packed rows may not)
             cols = gen_mask[0].nonzero().flatten()
             a, b = int(cols[0]), int(cols[-1]) + 1
-            gen_cols = (a, b) if b - a == cols.numel() else None
-        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1), gen_cols=gen_cols)
+            if b - a == cols.numel():
+                return cls(und=None, gen=None, gen_cols=(a, b))
+        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
 
     def apply(self, x: torch.Tensor, und_fn, gen_fn) -> torch.Tensor:
         """Run `und_fn` on understanding rows and `gen_fn` on generation rows of x [B, L, C]."""
-        if self.gen is None:
-            return und_fn(x)
         B, L, C = x.shape
         if self.gen_cols is not None:
             a, b = self.gen_cols
@@ -60,6 +58,8 @@ class ExpertRouting:
                 und_out = und_fn(torch.cat([x[:, :a], x[:, b:]], dim=1))
                 out[:, :a], out[:, b:] = und_out[:, :a], und_out[:, a:]
             return out
+        if self.gen is None:
+            return und_fn(x)
         flat = x.reshape(B * L, C)
         gen_out = gen_fn(flat[self.gen])
         out = flat.new_empty(B * L, gen_out.shape[-1], dtype=gen_out.dtype)
