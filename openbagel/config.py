@@ -328,7 +328,9 @@ PRESETS: dict[str, BagelConfig] = {
         max_latent_size=8,
         vit_max_num_patch_per_side=8,
         vae_transform=ImageTransformConfig(max_size=64, min_size=32, stride=16),
-        vit_transform=ImageTransformConfig(max_size=64, min_size=32, stride=16),
+        # The ViT sees the 64-px canvas upscaled to 128 (as the official transform upscales to 224):
+        # 64 patches of 8 canvas pixels, fine enough to tell apart objects in 21-px cells.
+        vit_transform=ImageTransformConfig(max_size=128, min_size=128, stride=16),
         default_image_size=(64, 64),
         think_system_prompts={
             "generation": "plan the picture inside <think></think> before you draw or edit it.",

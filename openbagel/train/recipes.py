@@ -78,8 +78,8 @@ def shapes_tiny() -> TrainConfig:
         vae_from="{out}/autoencoder",
         data=DataConfig(
             kind="shapes",
-            shapes_mix={"generate": 0.30, "edit": 0.28, "question": 0.14, "reason_edit": 0.12,
-                        "reason_question": 0.06, "chat": 0.10},
+            shapes_mix={"generate": 0.26, "edit": 0.26, "question": 0.20, "reason_edit": 0.10,
+                        "reason_question": 0.08, "chat": 0.10},
             think_prob={"reason_edit": 0.7, "reason_question": 0.7, "default": 0.1},
             target_copies=2,
         ),
