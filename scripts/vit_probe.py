@@ -15,17 +15,10 @@ from openbagel.checkpoint import load_checkpoint
 from openbagel.models.bagel import grid_position_ids
 from openbagel.processing import patchify_image, resize, to_tensor
 from openbagel.shapes.render import render
-from openbagel.shapes.scene import Obj, Scene
+from openbagel.shapes.scene import CELLS, COLORS
+from openbagel.shapes.tasks import random_scene
 
-CELLS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]
-
-
-def random_scene(rng: random.Random) -> Scene:
-    cells = rng.sample(CELLS, rng.randint(1, 4))
-    return Scene(rng.choice(["black", "white", "gray"]),
-                 tuple(Obj(rng.choice(["circle", "square", "triangle", "diamond"]), rng.choice(COLORS),
-                           rng.choice(["small", "large"]), c) for c in cells))
+COLOR_NAMES = list(COLORS)
 
 
 def main() -> None:
@@ -50,8 +43,8 @@ def main() -> None:
             features.append(model.embed_vit(patchify_image(pixels, p), ids, [h * w]).flatten())
             target = torch.zeros(9, 7)  # per cell: empty, or one of the six colours
             for i, cell in enumerate(CELLS):
-                obj = [o for o in scene.objects if o.cell == cell]
-                target[i, COLORS.index(obj[0].color) + 1 if obj else 0] = 1
+                obj = scene.at(cell)
+                target[i, COLOR_NAMES.index(obj.color) + 1 if obj else 0] = 1
             labels.append(target.flatten())
     X, Y = torch.stack(features), torch.stack(labels)
     X = (X - X[:1000].mean(0)) / (X[:1000].std(0) + 1e-5)

@@ -37,12 +37,17 @@ class ExpertRouting:
     def from_mask(cls, gen_mask: torch.Tensor | None) -> "ExpertRouting":
         if gen_mask is None or not bool(gen_mask.any()):
             return cls(und=None, gen=None)
-        flat = gen_mask.flatten()
         if bool((gen_mask == gen_mask[:1]).all()):  # every row routes the same columns (packed rows may not)
             cols = gen_mask[0].nonzero().flatten()
             a, b = int(cols[0]), int(cols[-1]) + 1
             if b - a == cols.numel():
                 return cls(und=None, gen=None, gen_cols=(a, b))
+        return cls.by_index(gen_mask)
+
+    @classmethod
+    def by_index(cls, gen_mask: torch.Tensor) -> "ExpertRouting":
+        """The general gather / scatter routing of any mask."""
+        flat = gen_mask.flatten()
         return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
 
     def apply(self, x: torch.Tensor, und_fn, gen_fn) -> torch.Tensor:
