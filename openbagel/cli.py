@@ -21,7 +21,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
 def _size(text: str) -> tuple[int, int]:
-    from .serve.protocol import parse_size
+    from .serve.wire import parse_size
 
     try:
         height, width = parse_size(text)
@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default 16)")
 
-    from .serve.protocol import DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT_S, MAX_BODY_BYTES
+    from .serve.wire import DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT_S, MAX_BODY_BYTES
 
     p = command("serve", cmd_serve, "Start the OpenAI-compatible HTTP server (images, chat, editing sessions).",
                 "openbagel serve --port 8000   # then: curl http://127.0.0.1:8000/v1/models")
@@ -425,10 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Which extra of pyproject.toml brings each optional package.
+OPTIONAL_EXTRAS = {"gradio": "app", "fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "multipart": "serve",
+                   "matplotlib": "train", "pyarrow": "train", "torchao": "quant"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        package = (exc.name or "").split(".")[0]
+        extra = OPTIONAL_EXTRAS.get(package)
+        hint = f"pip install 'openbagel[{extra}]'" if extra else f"pip install {package}"
+        print(f"error: this command needs the package {package!r}, which is not installed: {hint}", file=sys.stderr)
+        return 1
     except ValueError as exc:  # InputError, ImageLoadError, CheckpointError, ConfigError, bad settings
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -134,3 +134,31 @@ def test_missing_checkpoint_in_a_real_process(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "llm_config.json" in result.stderr
+
+
+# Runs the CLI with the optional extras (app, serve, train, quant) made unimportable, as on a base install.
+BASE_INSTALL = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"pydantic", "fastapi", "uvicorn", "gradio", "matplotlib", "pyarrow", "torchao"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from openbagel.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--help"], 0, "usage: openbagel"),
+    (["generate", "a red circle", "--size", "big"], 2, "size must look like '512x512'"),
+    (["serve"], 1, "error: this command needs the package 'fastapi', which is not installed: "
+                   "pip install 'openbagel[serve]'"),
+    (["app"], 1, "pip install 'openbagel[app]'"),
+])
+def test_base_install_without_the_extras(argv, code, message):
+    """Without the serving / app extras the CLI still parses, and their commands say what to install."""
+    result = subprocess.run([sys.executable, "-c", BASE_INSTALL, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

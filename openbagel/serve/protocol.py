@@ -18,13 +18,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# ----- limits ----------------------------------------------------------------------------------------
+from .wire import MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, parse_size
 
-MAX_BODY_BYTES = 64 * 2**20  # a little above the largest image file accepted (processing.MAX_IMAGE_BYTES)
-MAX_IMAGES_PER_REQUEST = 4  # `n`
-MAX_MESSAGES = 64
-DEFAULT_QUEUE_SIZE = 16  # requests waiting for the model; one more gets 429
-DEFAULT_TIMEOUT_S = 600.0
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
 # OpenAI fields that are accepted and have no meaning for BAGEL (documented in docs/serving.md).
@@ -272,18 +267,7 @@ class ErrorResponse(BaseModel):
 
 # ----- helpers ---------------------------------------------------------------------------------------
 
-SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 DATA_URL_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(.*)$", re.DOTALL)
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width); None or 'auto' -> the model's default. The pipeline checks the values."""
-    if size is None or size == "auto":
-        return None, None
-    m = SIZE_RE.match(size)
-    if not m:
-        raise ValueError(f"size must look like '512x512' (width x height) or 'auto', got {size!r}")
-    return int(m.group(2)), int(m.group(1))
 
 
 def decode_data_url(url: str) -> bytes:

@@ -39,6 +39,7 @@ from ..inference.pipeline import BagelOutput, BagelPipeline, InputError
 from ..inference.pipeline import Request as Task
 from ..processing import ImageLoadError, open_image
 from . import protocol as P
+from . import wire as W
 from .sessions import SessionManager, SessionNotFound, SessionRecord, SessionStore
 
 log = logging.getLogger("openbagel.serve")
@@ -154,7 +155,7 @@ class Job:
 class ModelWorker:
     """One model thread and a bounded queue in front of it. Call from the event loop only."""
 
-    def __init__(self, queue_size: int = P.DEFAULT_QUEUE_SIZE, timeout_s: float = P.DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, queue_size: int = W.DEFAULT_QUEUE_SIZE, timeout_s: float = W.DEFAULT_TIMEOUT_S) -> None:
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self.pending = 0
         self.mean_job_s = 5.0  # running estimate for Retry-After
@@ -288,8 +289,8 @@ def _sse(chunk: Any) -> str:
 
 
 def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: str | None = None,
-               sessions_db: str | Path = "openbagel-sessions.sqlite3", queue_size: int = P.DEFAULT_QUEUE_SIZE,
-               timeout_s: float = P.DEFAULT_TIMEOUT_S, max_body_bytes: int = P.MAX_BODY_BYTES) -> FastAPI:
+               sessions_db: str | Path = "openbagel-sessions.sqlite3", queue_size: int = W.DEFAULT_QUEUE_SIZE,
+               timeout_s: float = W.DEFAULT_TIMEOUT_S, max_body_bytes: int = W.MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app around one loaded pipeline."""
     model_name = model_name or Path(pipe.checkpoint.path).name
     created = int(time.time())
