@@ -107,3 +107,19 @@ def test_export_then_load(tmp_path, tokenizer_dir):
         assert torch.equal(state[name], expected.detach()), name
     assert not torch.equal(t.ema.shadow["llm2vae.weight"], params(t)["llm2vae.weight"])
     assert len(loaded.tokenizer) == len(t.tokenizer)
+
+
+def test_init_from_with_reinit_keeps_the_rest(tmp_path, tokenizer_dir):
+    """reinit gives the named parts a fresh init and loads everything else from init_from as it was."""
+    t = Trainer(small(tokenizer_dir), tmp_path / "a")
+    t.train_step()
+    source = load_checkpoint(t.export(tmp_path / "export")).model.state_dict()
+    cfg = small(tokenizer_dir, init_from=str(tmp_path / "export"), reinit=("vit_model.", "connector."),
+                freeze_vit=True)
+    tuned = Trainer(cfg, tmp_path / "b").model.state_dict()
+    changed = {name.split(".")[0] for name in source if not torch.equal(source[name], tuned[name])}
+    assert changed == {"vit_model", "connector"}
+    with pytest.raises(ValueError, match="prefixes look like"):
+        Trainer(small(tokenizer_dir, init_from=str(tmp_path / "export"), reinit=("vit.",)), tmp_path / "c")
+    with pytest.raises(ValueError, match="set init_from too"):
+        small(tokenizer_dir, reinit=("vit_model.",))

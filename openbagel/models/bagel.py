@@ -8,6 +8,7 @@ the inference engine composes the embedding helpers and the decoder itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +55,20 @@ class Bagel(nn.Module):
 
     # ----- initialisation ------------------------------------------------------------------------
 
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Random init for training from scratch: normal linears/embeddings, unit norms, fixed sin-cos tables."""
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None,
+                     only: Sequence[str] = ()) -> None:
+        """Random init for training from scratch: normal linears/embeddings, unit norms, fixed sin-cos tables.
+        `only` (parameter-name prefixes such as "vit_model.") limits it to those parts of a loaded model."""
+        def chosen(name: str) -> bool:
+            return not only or name.startswith(tuple(only))
+
+        names = [name for name, _ in self.named_parameters()]
+        unmatched = [prefix for prefix in only if not any(name.startswith(prefix) for name in names)]
+        if unmatched:
+            raise ValueError(f"no parameter name starts with {unmatched}; prefixes look like 'vit_model.'")
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("pos_embed"):
+                if name.endswith("pos_embed") or not chosen(name):
                     continue
                 if p.ndim >= 2:
                     p.normal_(0.0, std, generator=generator)
@@ -66,9 +76,11 @@ class Bagel(nn.Module):
                     p.fill_(1.0)
                 else:
                     p.zero_()
-            self.llm2vae.weight.zero_()  # as the official recipe: the velocity head starts at zero
-            self.vit_pos_embed.reset_parameters()
-            self.latent_pos_embed.reset_parameters()
+            if chosen("llm2vae.weight"):
+                self.llm2vae.weight.zero_()  # as the official recipe: the velocity head starts at zero
+            if not only:
+                self.vit_pos_embed.reset_parameters()
+                self.latent_pos_embed.reset_parameters()
 
     def copy_und_to_gen(self) -> None:
         """Initialise every `_moe_gen` twin from its understanding weight (the official `init_moe`)."""

@@ -63,6 +63,7 @@ class TrainConfig:
 
     model: str = "tiny"  # config preset for a random init (ignored with init_from)
     init_from: str | None = None  # checkpoint folder or hub id to fine-tune
+    reinit: tuple[str, ...] = ()  # parameter-name prefixes of init_from given a fresh init, e.g. ("vit_model.",)
     tokenizer: str | None = None  # tokenizer folder for a random init; None: train a BPE on the data
     vae_from: str | None = None  # folder with ae.safetensors + ae_config.json (a trained autoencoder)
     data: DataConfig = field(default_factory=DataConfig)
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError("grad_accum must be >= 1 and steps >= 0")
         if self.mixed_precision not in (None, "bfloat16", "float16"):
             raise ValueError(f"mixed_precision must be None, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
+        if self.reinit and not self.init_from:
+            raise ValueError("reinit re-initialises parts of init_from: set init_from too (a random init is all new)")
 
 
 @dataclass
@@ -160,6 +163,10 @@ class Trainer:
         if cfg.init_from:
             loaded = load_checkpoint(cfg.init_from, device="cpu")
             self.model_cfg, model, vae, self.tokenizer = loaded.config, loaded.model, loaded.vae, loaded.tokenizer
+            if cfg.reinit:
+                with torch.random.fork_rng():
+                    torch.manual_seed(cfg.seed)
+                    model.init_weights(only=cfg.reinit)
         else:
             self.model_cfg = preset(cfg.model)
             self.tokenizer = self._tokenizer(source)
