@@ -1,4 +1,4 @@
-"""The GPU benchmark script runs end to end (on CPU, at the unit-test size), so it works when a GPU comes."""
+"""The GPU benchmark scripts run end to end (on CPU, at the unit-test size), so it works when a GPU comes."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ def test_gpu_benchmark_runs_on_cpu_at_small_size(tmp_path):
     for row in report["rows"]:
         assert row["seconds"] > 0 and row["flop"] > 0 and row["peak_memory_gib"] > 0
         assert 0 < row["mfu"] < 1.5
+
+
+def test_gpu_profile_runs_on_cpu_at_small_size():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--config", "tiny", "--device", "cpu",
+           "--dtype", "fp32", "--side", "64", "--steps", "2", "--rows", "5"]
+    table = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
+    assert "Self CPU" in table and "aten::" in table
