@@ -49,6 +49,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", action="store_true",
                    help="keep the decoder layers in CPU memory and stream each to --device when it runs "
                         "(for GPUs too small for the model; slower)")
+    g.add_argument("--quantize", default=None, metavar="MODE",
+                   help="quantise the language model's weights while loading: int8 (any device), torchao-int8, "
+                        "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, *, image: bool = True, edit: bool = False) -> None:
@@ -91,7 +94,8 @@ def load_pipeline(args: argparse.Namespace):
         raise CheckpointError(f"the embedded model is not in this install ({EMBEDDED_MODEL}); "
                               "pass --model with a checkpoint folder or a hub id")
     print(f"loading {args.model or 'the embedded model'} ...", file=sys.stderr)
-    return BagelPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
+    return BagelPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
+                                         quantize=args.quantize)
 
 
 def _open(path: str, name: str):

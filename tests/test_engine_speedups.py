@@ -112,6 +112,22 @@ def test_int8_pipeline_runs_and_shrinks(tiny_checkpoint):
     assert pipe.understand(None, "what color is the triangle?", max_new_tokens=3).raw_text is not None
 
 
+def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint):
+    """from_pretrained(quantize=...) quantises on the way to the device: the same model as quantize() after."""
+    from openbagel.inference.pipeline import BagelPipeline
+
+    after = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32")
+    quantize(after.engine.model, "int8")
+    loaded = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32", quantize="int8")
+    expected, got = after.engine.model.state_dict(), loaded.engine.model.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert any(isinstance(m, Int8Linear) for m in loaded.engine.model.modules())
+    with pytest.raises(ValueError, match="unknown quantisation mode 'int3'"):
+        BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int3")
+    with pytest.raises(ValueError, match="do not combine"):
+        BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", offload=True)
+
+
 @pytest.mark.slow
 def test_compiled_step_matches(tiny_pipeline):
     jobs = _jobs(tiny_pipeline, "edit", steps=3)

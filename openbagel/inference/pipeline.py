@@ -27,6 +27,8 @@ from ..processing import resize, to_pil, to_rgb, to_tensor
 from .engine import Engine, ImageJob, TextParams
 from .kv_cache import KVCache
 from .offload import offload_layers
+from .quantize import MODES as QUANTIZE_MODES
+from .quantize import quantize as quantize_model
 from .settings import TaskSettings, resolve
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -83,19 +85,30 @@ class BagelPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, offload: bool = False) -> "BagelPipeline":
+                        dtype: torch.dtype | str | None = None, offload: bool = False,
+                        quantize: str | None = None) -> "BagelPipeline":
         """Load a checkpoint directory or hub id (default: the embedded Shapes model shipped in the package).
 
         `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
-        (`inference/offload.py`): for GPUs that cannot hold the whole model.
+        (`inference/offload.py`): for GPUs that cannot hold the whole model. `quantize` (a mode of
+        `inference/quantize.py`: int8, torchao-int8, torchao-int4, bnb-int8, bnb-nf4) loads the weights
+        into CPU memory and quantises the language model layer by layer on its way to `device`.
         """
         device = torch.device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
         path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
-        if not offload:
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown quantisation mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+        if quantize and offload:
+            raise ValueError("quantize and offload do not combine: pick one (quantize shrinks the weights, "
+                             "offload streams them from CPU memory)")
+        if not (offload or quantize):
             return cls(load_checkpoint(path, device=device, dtype=dtype))
         checkpoint = load_checkpoint(path, device="cpu", dtype=dtype)
-        offload_layers(checkpoint.model, device)
+        if quantize:
+            quantize_model(checkpoint.model, quantize, device=device)
+        else:
+            offload_layers(checkpoint.model, device)
         checkpoint.vae.to(device)
         return cls(checkpoint)
 

@@ -2,6 +2,7 @@
 
     from openbagel.inference.quantize import quantize
     quantize(pipe.engine.model, "int8")          # any device: int8 weights + per-channel scales
+    BagelPipeline.from_pretrained(path, device="cuda", dtype="bf16", quantize="bnb-nf4")   # load quantised
 
 Modes:
   int8          ours (gpt-fast's WeightOnlyInt8Linear): symmetric per-output-channel int8; the forward
@@ -13,7 +14,9 @@ Modes:
   bnb-nf4       bitsandbytes `Linear4bit` NF4 (CUDA; needs bitsandbytes).
 
 By default every `nn.Linear` of the language model is quantised (the MoT experts and lm_head hold
-almost all the weights); pass `include` to choose others by qualified name.
+almost all the weights); pass `include` to choose others by qualified name. With `device`, a model that
+sits in CPU memory is quantised on its way there, one layer at a time, so the device never holds more
+than one full-precision layer: how a 7B checkpoint loads onto a GPU too small for it in bf16.
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach().float()
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> "Int8Linear":
+        w = linear.weight.detach().to(device).float()
         scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach()
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
         return cls(q, scales.to(linear.weight.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,50 +61,71 @@ class Int8Linear(nn.Module):
 
 
 def quantize(model: nn.Module, mode: str = "int8",
-             include: Callable[[str, nn.Module], bool] = language_model_linears) -> nn.Module:
-    """Replace the selected Linear layers in place; returns the model."""
+             include: Callable[[str, nn.Module], bool] = language_model_linears,
+             device: torch.device | str | None = None) -> nn.Module:
+    """Replace the selected Linear layers in place; returns the model. With `device`, the whole model moves
+    there: each selected layer is moved and quantised in turn, then the remaining tensors follow."""
     if mode not in MODES:
         raise ValueError(f"unknown quantisation mode {mode!r}; choose one of {MODES}")
-    names = [name for name, m in model.named_modules() if include(name, m)]
+    target = None if device is None else torch.device(device)
     if mode.startswith("torchao"):
-        return _torchao(model, mode, set(names))
-    make = Int8Linear.from_linear if mode == "int8" else _bnb_factory(mode)
+        make = _torchao_factory(mode)
+    elif mode.startswith("bnb"):
+        make = _bnb_factory(mode)
+    else:
+        make = Int8Linear.from_linear
+    names = [name for name, m in model.named_modules() if include(name, m)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(getattr(parent, child)))
+        linear = getattr(parent, child)
+        setattr(parent, child, make(linear, target or linear.weight.device))
+    if target is not None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        quantized = set(names)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.rpartition(".")[0] not in quantized:
+                set_module_tensor_to_device(model, name, target, value=tensor.data)
     return model
 
 
-def _torchao(model: nn.Module, mode: str, names: set[str]) -> nn.Module:
+def _torchao_factory(mode: str) -> Callable[[nn.Linear, torch.device], nn.Module]:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         raise ImportError(f"{mode} needs torchao: pip install 'openbagel[quant]'") from None
     config = Int8WeightOnlyConfig() if mode == "torchao-int8" else Int4WeightOnlyConfig()
-    quantize_(model, config, filter_fn=lambda m, fqn: fqn in names)
-    return model
+
+    def make(linear: nn.Linear, device: torch.device) -> nn.Module:
+        holder = nn.Sequential(linear.to(device))  # quantize_ swaps children of the module it is given
+        quantize_(holder, config)
+        return holder[0]
+
+    return make
 
 
-def _bnb_factory(mode: str) -> Callable[[nn.Linear], nn.Module]:
+def _bnb_factory(mode: str) -> Callable[[nn.Linear, torch.device], nn.Module]:
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise ImportError(f"{mode} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
 
-    def make(linear: nn.Linear) -> nn.Module:
-        dev = linear.weight.device
-        if mode == "bnb-int8":
-            new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
-                                      has_fp16_weights=False)
+    def make(linear: nn.Linear, device: torch.device) -> nn.Module:
+        with torch.device("meta"):  # no throw-away init of a full-size weight per layer
+            if mode == "bnb-int8":
+                new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
+                                          has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                                        compute_dtype=linear.weight.dtype, quant_type="nf4")
+        if mode == "bnb-int8":  # bitsandbytes quantises Int8Params on the move from CPU to the GPU
             new.weight = bnb.nn.Int8Params(linear.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-        else:
-            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
-                                    compute_dtype=linear.weight.dtype, quant_type="nf4")
-            new.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        else:  # Params4bit quantises on its first move to a device, wherever its data is
+            new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        return new.to(dev)  # moving to CUDA quantises
+        return new.to(device)
 
     return make
 
