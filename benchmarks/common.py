@@ -160,27 +160,11 @@ def _fmt(v: Any) -> str:
 GiB = 1024**3
 
 
-def capture_jobs(pipe, call: Callable[[], Any]) -> list:
-    """Run a pipeline call and return the `ImageJob`s it denoised (their contexts stay alive and unchanged)."""
-    captured: list = []
-    original = pipe.engine.generate_images
-
-    def spy(jobs, *args, **kwargs):
-        captured.extend(jobs)
-        return original(jobs, *args, **kwargs)
-
-    pipe.engine.generate_images = spy
-    try:
-        call()
-    finally:
-        del pipe.engine.generate_images
-    return captured
-
-
 def task_jobs(pipe, side: int, steps: int, seed: int = 0) -> dict[str, list]:
     """The denoising jobs of a text-to-image (2 branches) and an edit (3 branches) at side x side."""
     settings = dict(num_inference_steps=steps)
-    return {
-        "t2i": capture_jobs(pipe, lambda: pipe.generate(PROMPT_T2I, height=side, width=side, seed=seed, **settings)),
-        "edit": capture_jobs(pipe, lambda: pipe.edit(test_image(side), PROMPT_EDIT, seed=seed, **settings)),
-    }
+    with pipe.engine.recording_jobs() as t2i:
+        pipe.generate(PROMPT_T2I, height=side, width=side, seed=seed, **settings)
+    with pipe.engine.recording_jobs() as edit:
+        pipe.edit(test_image(side), PROMPT_EDIT, seed=seed, **settings)
+    return {"t2i": t2i, "edit": edit}

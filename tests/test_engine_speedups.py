@@ -13,19 +13,14 @@ from openbagel.inference.step_cache import StepCacheConfig, newton_extrapolate
 
 
 def _jobs(pipe, task: str, steps: int = 6) -> list:
-    """The ImageJobs the pipeline builds for a task (captured from generate_images)."""
-    captured = []
-    original = pipe.engine.generate_images
-    pipe.engine.generate_images = lambda jobs, *a, **k: captured.extend(jobs) or original(jobs, *a, **k)
-    try:
+    """The ImageJobs the pipeline builds for a task."""
+    with pipe.engine.recording_jobs() as jobs:
         if task == "t2i":
             pipe.generate("a red circle", height=64, width=64, seed=0, num_inference_steps=steps)
         else:
             image = Image.new("RGB", (64, 64), (200, 30, 30))
             pipe.edit(image, "make the square blue", seed=0, num_inference_steps=steps)
-    finally:
-        del pipe.engine.generate_images
-    return captured
+    return jobs
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,8 @@ RoPE tables, expert routing, position and boundary embeddings, the cache itself)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -258,6 +259,23 @@ class Engine:
         return out
 
     # ----- image generation ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def recording_jobs(self) -> Iterator[list["ImageJob"]]:
+        """Collect the ImageJobs denoised inside the block. Their contexts stay alive, so benchmarks and
+        tests can denoise the very same jobs again through `generate_images` with other engine options."""
+        recorded: list[ImageJob] = []
+        original = self.generate_images
+
+        def record(jobs: list[ImageJob], *args, **kwargs) -> list[torch.Tensor]:
+            recorded.extend(jobs)
+            return original(jobs, *args, **kwargs)
+
+        self.generate_images = record  # type: ignore[method-assign]
+        try:
+            yield recorded
+        finally:
+            del self.generate_images
 
     @torch.no_grad()
     def generate_images(self, jobs: list[ImageJob], callback: StepCallback | None = None,
