@@ -4,6 +4,7 @@ Usage (each side runs in its own process; peak memory is each process's VmHWM du
     OPENBAGEL_REFERENCE_REPO=/tmp/bagel-ref OPENBAGEL_REFERENCE_PYTHON=/tmp/refvenv/bin/python \\
         python benchmarks/vs_official.py --config tiny            # seconds
         python benchmarks/vs_official.py --config wide            # 7B widths, 2 layers: ~9 GiB, minutes
+        python benchmarks/vs_official.py --config tiny --compile  # ours with engine.compile_step (untimed warm-up)
 1. The official code runs through ../shared/tools/bagel-reference/run_reference.py (random init with
    a fixed seed, saved once as weights/), timing `interleave_inference` for text-to-image and edit.
 2. This script reruns itself with `--worker` on those weights (our loader, our pipeline) with the
@@ -67,6 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     pipe = BagelPipeline.from_pretrained(args.checkpoint, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    pipe.engine.compile_step = args.compile
     result = {"load_s": round(time.perf_counter() - start, 2), "rss_after_load_gib": round(peak_rss() / 2**30, 3),
               "tasks": {}}
     for task in ("t2i", "edit"):
@@ -90,6 +92,8 @@ def worker(args: argparse.Namespace) -> None:
             image = Image.open(ref / "edit_input.png").convert("RGB")
             call = lambda: pipe.edit(image, meta["inputs"][1], seed=meta["seed"],  # noqa: E731
                                      callback_on_step_end=keep, **settings)
+        if args.compile:
+            call()  # compiles the denoising step for this task's shapes: not timed
         walls, peaks = [], []
         for _ in range(args.repeat):
             reset_peak_rss()
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--config", choices=("tiny", "wide"), default="tiny")
     parser.add_argument("--precision", default="fp32", help="harness precision of the official run (fp32|official)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="ours with torch.compile of the denoising step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/openbagel-vs-official")
     parser.add_argument("--out", default=None, help="default benchmarks/vs_official_<config>.json")
@@ -136,7 +141,7 @@ def main() -> None:
     side = json.loads((ref_dir / "t2i.json").read_text())["image_output_size"][0]
     checkpoint = make_checkpoint(weights, tokenizer_dir(python), work / args.config / "openbagel", side)
     cmd = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--ref-dir", str(ref_dir),
-           "--repeat", str(args.repeat), "--threads", str(args.threads)]
+           "--repeat", str(args.repeat), "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
     ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
     sys.path.insert(0, str(HERE))
@@ -153,8 +158,9 @@ def main() -> None:
                      "official_runs_s": r["wall_s_all_runs"], "ours_runs_s": o["wall_s_all_runs"],
                      "official_other_cpu_s": busy, "contended": any(b > 0.1 * r_best + 0.05 for b in busy)})
     report(rows, ["task", "official_s", "ours_s", "ratio", "official_peak_gib", "ours_peak_gib",
-                  "final_latent_rel_err", "contended"], args.out or f"benchmarks/vs_official_{args.config}.json",
-           {"benchmark": "vs_official", "config": args.config, "precision": args.precision,
+                  "final_latent_rel_err", "contended"],
+           args.out or f"benchmarks/vs_official_{args.config}{'_compiled' if args.compile else ''}.json",
+           {"benchmark": "vs_official", "config": args.config, "precision": args.precision, "compile": args.compile,
             "official_build_s": official.get("build_s"), "ours_load_s": ours["load_s"],
             **environment(args.threads)})
 
