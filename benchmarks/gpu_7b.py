@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,6 +60,15 @@ def random_pipeline_on(cfg, device: torch.device, dtype: torch.dtype, offload: b
     pipe = BagelPipeline(LoadedCheckpoint(cfg, model.eval(), vae.eval(), bench_tokenizer(cfg), Path(".")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def task_calls(pipe: BagelPipeline, side: int, steps: int) -> dict[str, Callable[[], object]]:
+    """The two timed calls: text-to-image and edit at side x side, fixed seed."""
+    settings = dict(num_inference_steps=steps, seed=0)
+    return {
+        "t2i": lambda: pipe.generate(PROMPT_T2I, height=side, width=side, **settings),
+        "edit": lambda: pipe.edit(test_image(side), PROMPT_EDIT, **settings),
+    }
 
 
 def card_peak_tflops(device: torch.device) -> float | None:
@@ -109,13 +119,8 @@ def main() -> None:
     def peak_memory() -> float:
         return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / GiB
 
-    settings = dict(num_inference_steps=args.steps, seed=0)
-    tasks = {
-        "t2i": lambda: pipe.generate(PROMPT_T2I, height=args.side, width=args.side, **settings),
-        "edit": lambda: pipe.edit(test_image(args.side), PROMPT_EDIT, **settings),
-    }
     rows = []
-    for task, call in tasks.items():
+    for task, call in task_calls(pipe, args.side, args.steps).items():
         reset_memory()
         timing = measure(call, args.repeat)  # the first (warm-up) call is not timed
         memory = peak_memory()

@@ -16,8 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPT_EDIT, PROMPT_T2I, bench_config, test_image  # noqa: E402
-from gpu_7b import DTYPES, random_pipeline_on  # noqa: E402
+from common import bench_config  # noqa: E402
+from gpu_7b import DTYPES, random_pipeline_on, task_calls  # noqa: E402
 
 
 def main() -> None:
@@ -35,13 +35,7 @@ def main() -> None:
         sys.exit("no CUDA device here; pass --device cpu for a smoke run at a small --config and --side")
     on_gpu = device.type == "cuda"
     pipe = random_pipeline_on(bench_config(args.config), device, DTYPES[args.dtype], offload=False)
-    settings = dict(num_inference_steps=args.steps, seed=0)
-    if args.task == "t2i":
-        def call():
-            return pipe.generate(PROMPT_T2I, height=args.side, width=args.side, **settings)
-    else:
-        def call():
-            return pipe.edit(test_image(args.side), PROMPT_EDIT, **settings)
+    call = task_calls(pipe, args.side, args.steps)[args.task]
     call()  # warm-up: kernel selection, caches
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:

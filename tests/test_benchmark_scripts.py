@@ -1,4 +1,4 @@
-"""The GPU benchmark scripts run end to end (on CPU, at the unit-test size), so it works when a GPU comes."""
+"""The GPU benchmark scripts run end to end (on CPU, at the unit-test size), so they work when a GPU comes."""
 
 from __future__ import annotations
 

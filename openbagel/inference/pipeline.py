@@ -27,7 +27,7 @@ from ..processing import resize, to_pil, to_rgb, to_tensor
 from .engine import Engine, ImageJob, TextParams
 from .kv_cache import KVCache
 from .offload import offload_layers
-from .quantize import MODES as QUANTIZE_MODES
+from .quantize import check_mode as check_quantize_mode
 from .quantize import quantize as quantize_model
 from .settings import TaskSettings, resolve
 
@@ -97,8 +97,8 @@ class BagelPipeline:
         device = torch.device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
         path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
-        if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise ValueError(f"unknown quantisation mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+        if quantize is not None:
+            check_quantize_mode(quantize)  # before minutes of loading
         if quantize and offload:
             raise ValueError("quantize and offload do not combine: pick one (quantize shrinks the weights, "
                              "offload streams them from CPU memory)")

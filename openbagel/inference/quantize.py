@@ -60,13 +60,17 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantisation mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
 def quantize(model: nn.Module, mode: str = "int8",
              include: Callable[[str, nn.Module], bool] = language_model_linears,
              device: torch.device | str | None = None) -> nn.Module:
     """Replace the selected Linear layers in place; returns the model. With `device`, the whole model moves
     there: each selected layer is moved and quantised in turn, then the remaining tensors follow."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantisation mode {mode!r}; choose one of {MODES}")
+    check_mode(mode)
     target = None if device is None else torch.device(device)
     if mode.startswith("torchao"):
         make = _torchao_factory(mode)

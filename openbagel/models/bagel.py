@@ -59,11 +59,13 @@ class Bagel(nn.Module):
                      only: Sequence[str] = ()) -> None:
         """Random init for training from scratch: normal linears/embeddings, unit norms, fixed sin-cos tables.
         `only` (parameter-name prefixes such as "vit_model.") limits it to those parts of a loaded model."""
+        prefixes = tuple(only)
+
         def chosen(name: str) -> bool:
-            return not only or name.startswith(tuple(only))
+            return not prefixes or name.startswith(prefixes)
 
         names = [name for name, _ in self.named_parameters()]
-        unmatched = [prefix for prefix in only if not any(name.startswith(prefix) for name in names)]
+        unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
         if unmatched:
             raise ValueError(f"no parameter name starts with {unmatched}; prefixes look like 'vit_model.'")
         with torch.no_grad():
@@ -78,7 +80,7 @@ class Bagel(nn.Module):
                     p.zero_()
             if chosen("llm2vae.weight"):
                 self.llm2vae.weight.zero_()  # as the official recipe: the velocity head starts at zero
-            if not only:
+            if not prefixes:
                 self.vit_pos_embed.reset_parameters()
                 self.latent_pos_embed.reset_parameters()
 
