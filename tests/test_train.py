@@ -123,3 +123,12 @@ def test_init_from_with_reinit_keeps_the_rest(tmp_path, tokenizer_dir):
         Trainer(small(tokenizer_dir, init_from=str(tmp_path / "export"), reinit=("vit.",)), tmp_path / "c")
     with pytest.raises(ValueError, match="set init_from too"):
         small(tokenizer_dir, reinit=("vit_model.",))
+
+
+def test_a_run_without_a_tokenizer_trains_bpe_on_its_data(tmp_path, tokenizer_dir):
+    """The trainer's own tokenizer learns merges from the data's texts (a bug once fed it no text, which
+    left a character-level vocabulary: 'red' was three tokens)."""
+    t = Trainer(small(tokenizer_dir, tokenizer=None), tmp_path)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    for word in ("red", "green", "left", "right"):
+        assert len(t.tokenizer.encode(word)) < len(word), word

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -37,6 +38,7 @@ from .metrics import MetricsLog, plot_losses
 from .parallel import World, all_reduce_sum, barrier, init_distributed, parallelize, set_gradient_sync
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_SAMPLES = 500  # a run without `tokenizer=` trains its BPE on the texts of this many samples
 
 
 @dataclass
@@ -208,8 +210,11 @@ class Trainer:
             return BagelTokenizer.from_dir(self.cfg.tokenizer)
         folder = self.out / "tokenizer"
         if self.world.is_main and not (folder / "tokenizer.json").is_file():
-            texts = [item.text for _, sample in zip(range(500), source(0, 1)) for item in sample
+            texts = [item.text for _, sample in itertools.islice(source(0, 1), TOKENIZER_SAMPLES) for item in sample
                      if isinstance(item, TextItem)]
+            if not texts:
+                raise ValueError(f"the first {TOKENIZER_SAMPLES} samples of the data hold no text to train a "
+                                 "tokenizer on: set `tokenizer=` to a tokenizer folder")
             train_tokenizer(texts, self.model_cfg.llm.vocab_size, self.model_cfg.extra_special_tokens).save(folder)
         barrier()
         return BagelTokenizer.from_dir(folder)

@@ -1,0 +1,48 @@
+"""The model-diagnosis scripts of `scripts/` run on the embedded model and measure what they claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from openbagel.models import qwen2_mot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recorded_attention_weights_reproduce_the_attention_output():
+    probe = _load("attention_probe")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 5, 8, generator=g) for h in (4, 2, 2))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+    store: list[torch.Tensor] = []
+    original = qwen2_mot.attention
+    with probe.recorded_attention(store):
+        out = qwen2_mot.attention(q, k, v, mask)
+    assert qwen2_mot.attention is original  # restored on exit
+    (weights,) = store
+    assert weights.shape == (1, 4, 5, 5)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 4, 5))
+    assert torch.allclose(weights @ v.repeat_interleave(2, dim=1), out, atol=1e-5)
+
+
+def test_attention_probe_runs_on_the_embedded_model():
+    cmd = [sys.executable, str(ROOT / "scripts" / "attention_probe.py"), str(ROOT / "openbagel/weights/shapes-tiny"), "-n", "3"]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout.splitlines()
+    assert lines[0].startswith("3 colour questions, first answer token right: own image")
+    table = [[float(x) for x in line.split()] for line in lines[2:]]
+    assert [int(row[0]) for row in table] == list(range(6))  # one row per LLM layer
+    for row in table:
+        mass, selectivity = row[1:5], row[5:9]
+        assert all(0 <= m <= 1 for m in mass) and all(s >= 0 for s in selectivity)
