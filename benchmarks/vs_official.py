@@ -64,6 +64,10 @@ def worker(args: argparse.Namespace) -> None:
     from openbagel.inference.pipeline import BagelPipeline
 
     torch.set_num_threads(args.threads)
+    if not args.glibc_default:
+        from openbagel.inference.allocator import retain_freed_memory
+
+        retain_freed_memory()
     ref = Path(args.ref_dir)
     start = time.perf_counter()
     pipe = BagelPipeline.from_pretrained(args.checkpoint, device="cpu", dtype=torch.float32)
@@ -114,6 +118,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile of the denoising step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="ours without retain_freed_memory (glibc's default mmap/trim behaviour)")
     parser.add_argument("--work", default="/tmp/openbagel-vs-official")
     parser.add_argument("--out", default=None, help="default benchmarks/vs_official_<config>.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -141,7 +147,8 @@ def main() -> None:
     side = json.loads((ref_dir / "t2i.json").read_text())["image_output_size"][0]
     checkpoint = make_checkpoint(weights, tokenizer_dir(python), work / args.config / "openbagel", side)
     cmd = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--ref-dir", str(ref_dir),
-           "--repeat", str(args.repeat), "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
+           "--repeat", str(args.repeat), "--threads", str(args.threads), *(["--compile"] if args.compile else []),
+           *(["--glibc-default"] if args.glibc_default else [])]
     ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
     sys.path.insert(0, str(HERE))
