@@ -74,10 +74,11 @@ def main() -> None:
     rng = random.Random(0)
     tasks = [make_task(rng, "question", "color") for _ in range(args.n)]
     layers = cfg.llm.num_hidden_layers
-    image_mass, selectivity = torch.zeros(layers, cfg.llm.num_attention_heads), torch.zeros(layers, cfg.llm.num_attention_heads)
+    image_mass = torch.zeros(layers, cfg.llm.num_attention_heads)
+    selectivity = torch.zeros_like(image_mass)
     right = {"own image": 0, "another scene's image": 0}
-    answer_logits: list[torch.Tensor] = []
-    model.language_model.lm_head.register_forward_hook(lambda module, inputs, out: answer_logits.append(out))
+    answer_logits: dict[str, torch.Tensor] = {}  # the last forward's logits at its answer positions
+    model.language_model.lm_head.register_forward_hook(lambda module, inputs, out: answer_logits.update(last=out))
     for i, task in enumerate(tasks):
         own = training_sample(task, think=False, rng=random.Random(i))
         other = training_sample(tasks[(i + 1) % len(tasks)], think=False, rng=random.Random(i))
@@ -88,7 +89,7 @@ def main() -> None:
                 model.forward_train(batch)  # the lm_head hook keeps the logits of the answer positions
             labels = batch.labels[0]
             first = int((labels != -100).nonzero()[0])  # the position that predicts the answer's first token
-            right[name] += int(int(answer_logits[-1][0].argmax()) == int(labels[first]))
+            right[name] += int(int(answer_logits['last'][0].argmax()) == int(labels[first]))
             if name != "own image":
                 continue
             vit = (batch.token_kind[0] == VIT).nonzero().flatten()

@@ -4,7 +4,7 @@ glibc serves every allocation above its mmap threshold (at most 32 MB) with a fr
 it on free, so each large activation of a wide model is page-faulted in again, page by page. On the
 development VM an elementwise op on a 44 MB tensor took 17 ms that way and 2.5 ms into reused memory.
 With mmap off and trimming off, freed blocks stay in the heap and the next activation reuses them.
-Process-wide, so the command line calls it and library users opt in.
+Process-wide, so it is opt-in: nothing calls it by default (`benchmarks/vs_official.py` does for our side).
 """
 
 from __future__ import annotations
