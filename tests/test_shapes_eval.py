@@ -137,3 +137,13 @@ def test_cli_eval_oracle(tmp_path, capsys):
     main(["eval", "shapes", "--oracle", "-n", "1", "--out", str(tmp_path / "r.json")])
     assert "edit/mean" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["chat/all_turns"] == 1.0
+
+
+def test_cli_eval_kinds_scores_only_those_kinds(tmp_path, capsys):
+    from openbagel.shapes.cli import main
+    main(["eval", "shapes", "--oracle", "-n", "1", "--kinds", "question,chat", "--out", str(tmp_path / "r.json")])
+    metrics = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert metrics["question/mean"] == 1.0 and metrics["chat/all_turns"] == 1.0
+    assert not any(name.startswith(("generate/", "edit/", "reason_")) for name in metrics)
+    with pytest.raises(SystemExit, match="--kinds: pictures is not a task kind"):
+        main(["eval", "shapes", "--oracle", "--kinds", "question,pictures"])

@@ -45,8 +45,14 @@ def _sample(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise SystemExit("error: -n must be at least 1")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else list(DEFAULT_THINK_MODES)
+    unknown = [k for k in kinds if k not in DEFAULT_THINK_MODES]
+    if unknown or not kinds:
+        raise SystemExit(f"error: --kinds: {', '.join(unknown) or 'nothing given'} is not a task kind; "
+                         f"choose from {', '.join(DEFAULT_THINK_MODES)}")
     runner = oracle_runner if args.oracle else model_runner(args.model)
-    evaluate(runner, n=args.n, seed=args.seed, think_modes=DEFAULT_THINK_MODES, out_json=args.out)
+    evaluate(runner, n=args.n, seed=args.seed, think_modes={k: DEFAULT_THINK_MODES[k] for k in kinds},
+             out_json=args.out)
 
 
 def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._SubParsersAction | None = None) -> None:
@@ -85,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("-n", type=int, default=20, help="tasks per category and think mode (default 20)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
+    p.add_argument("--kinds", default=None,
+                   help="comma-separated task kinds to score (default: all; e.g. question,reason_question). "
+                        "A subset draws a different task stream than the full set for the same seed")
     p.add_argument("--out", default=None, help="write the report as JSON to this file")
     p.add_argument("--oracle", action="store_true", help="answer with the expected results (scores 100%%)")
     p.set_defaults(func=_eval)
