@@ -46,3 +46,16 @@ def test_attention_probe_runs_on_the_embedded_model():
     for row in table:
         mass, selectivity = row[1:5], row[5:9]
         assert all(0 <= m <= 1 for m in mass) and all(s >= 0 for s in selectivity)
+
+
+def test_cell_probe_runs_on_the_embedded_model_and_finds_each_object_in_its_cell():
+    cmd = [sys.executable, str(ROOT / "scripts" / "cell_probe.py"), str(ROOT / "openbagel/weights/shapes-tiny")]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout.splitlines()
+    cells = lines[1:10]
+    assert len(cells) == 9 and all(line.endswith("(yes)") for line in cells)  # the ViT patch layout is right
+    assert lines[10].startswith("answers right ") and "distinct answers" in lines[10]
+    table = [[float(x) for x in line.split()] for line in lines[12:]]
+    assert [int(row[0]) for row in table] == list(range(6))
+    for row in table:
+        spread, on_object = row[1:5], row[5:9]
+        assert all(s >= 0 for s in spread) and all(0 <= w <= 1 for w in on_object)
