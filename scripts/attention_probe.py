@@ -58,6 +58,26 @@ def object_patches(scene, obj, cfg) -> torch.Tensor:
     return ((a - b).abs().amax(-1) > 0).nonzero().flatten()
 
 
+def teacher_forced(model, sample, tok, cfg, index: int = 0):
+    """Run one sample in the training layout, recording attention: (batch, per-layer weights [B, Hq, L, S],
+    the position that predicts the answer's first token, the ViT token positions)."""
+    packing = PackingConfig()
+    batch = collate([[tokenize(sample, index, tok, cfg, packing, seed=0)]], packing)
+    store: list[torch.Tensor] = []
+    with torch.no_grad(), recorded_attention(store):
+        model.forward_train(batch)
+    first = int((batch.labels[0] != -100).nonzero()[0])
+    return batch, store, first, (batch.token_kind[0] == VIT).nonzero().flatten()
+
+
+def print_per_head(title: str, left: torch.Tensor, right: torch.Tensor, right_format: str = "5.2f") -> None:
+    """A table with one row per layer: two per-head statistics side by side."""
+    print(title)
+    for layer in range(left.shape[0]):
+        print(f"{layer:>5}  {' '.join(f'{x:5.2f}' for x in left[layer])}      "
+              f"{' '.join(f'{x:{right_format}}' for x in right[layer])}")
+
+
 def named_object(task):
     ref = task.steps[0].text.removeprefix(QUESTION).removesuffix("?")
     return next(o for o in task.source.objects if ref in refs(task.source, o))
@@ -70,7 +90,6 @@ def main() -> None:
     args = ap.parse_args()
     ck = load_checkpoint(args.model)
     model, cfg, tok = ck.model.float().eval(), ck.config, ck.tokenizer
-    packing = PackingConfig()
     rng = random.Random(0)
     tasks = [make_task(rng, "question", "color") for _ in range(args.n)]
     layers = cfg.llm.num_hidden_layers
@@ -83,16 +102,11 @@ def main() -> None:
         own = training_sample(task, think=False, rng=random.Random(i))
         other = training_sample(tasks[(i + 1) % len(tasks)], think=False, rng=random.Random(i))
         for name, sample in (("own image", own), ("another scene's image", [other[0], *own[1:]])):
-            batch = collate([[tokenize(sample, i, tok, cfg, packing, seed=0)]], packing)
-            store: list[torch.Tensor] = []
-            with torch.no_grad(), recorded_attention(store):
-                model.forward_train(batch)  # the lm_head hook keeps the logits of the answer positions
-            labels = batch.labels[0]
-            first = int((labels != -100).nonzero()[0])  # the position that predicts the answer's first token
-            right[name] += int(int(answer_logits['last'][0].argmax()) == int(labels[first]))
+            # The lm_head hook keeps the logits of the answer positions.
+            batch, store, first, vit = teacher_forced(model, sample, tok, cfg, i)
+            right[name] += int(int(answer_logits['last'][0].argmax()) == int(batch.labels[0, first]))
             if name != "own image":
                 continue
-            vit = (batch.token_kind[0] == VIT).nonzero().flatten()
             obj = vit[object_patches(task.source, named_object(task), cfg)]
             share = len(obj) / len(vit)
             for layer, weights in enumerate(store):
@@ -102,10 +116,8 @@ def main() -> None:
                 selectivity[layer] += on_object / on_image.clamp(min=1e-9) / share / args.n
     print(f"{args.n} colour questions, first answer token right: "
           + ", ".join(f"{k} {v / args.n:.1%}" for k, v in right.items()))
-    print("layer  attention on image tokens per head      object selectivity per head (1.0 = uniform)")
-    for layer in range(layers):
-        print(f"{layer:>5}  {' '.join(f'{x:5.2f}' for x in image_mass[layer])}      "
-              f"{' '.join(f'{x:5.2f}' for x in selectivity[layer])}")
+    print_per_head("layer  attention on image tokens per head      object selectivity per head (1.0 = uniform)",
+                   image_mass, selectivity)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_probe import object_patches, recorded_attention  # noqa: E402
+from attention_probe import object_patches, print_per_head, teacher_forced  # noqa: E402
 
-from openbagel.data.batch import VIT  # noqa: E402
-from openbagel.data.packing import PackingConfig, collate, tokenize  # noqa: E402
 from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
 from openbagel.processing import patchify_image, resize, to_tensor  # noqa: E402
 from openbagel.shapes.render import render  # noqa: E402
@@ -65,13 +63,7 @@ def main() -> None:
         print(f"{cell:<13} {answer:<14} {'yes' if answer == cell else 'no':<6} "
               f"{changed} ({'yes' if changed in token_cells(cfg, cell) else 'NO'})")
         task = Task("question", "where", scene, (Step(question, "", answer=cell),))
-        batch = collate([[tokenize(training_sample(task, think=False, rng=random.Random(0)), 0, tok, cfg,
-                                   PackingConfig(), seed=0)]], PackingConfig())
-        store: list[torch.Tensor] = []
-        with torch.no_grad(), recorded_attention(store):
-            model.forward_train(batch)
-        first = int((batch.labels[0] != -100).nonzero()[0])
-        vit = (batch.token_kind[0] == VIT).nonzero().flatten()
+        _, store, first, vit = teacher_forced(model, training_sample(task, think=False, rng=random.Random(0)), tok, cfg)
         obj_tokens = vit[object_patches(scene, obj, cfg)]
         for layer, weights in enumerate(store):
             row = weights[0, :, first]  # [heads, keys]
@@ -79,10 +71,8 @@ def main() -> None:
             spread[layer] += (image.amax(-1) / image.amin(-1)).log() / len(CELLS)
             on_object[layer] += row[:, obj_tokens].sum(-1) / len(CELLS)
     print(f"answers right {right}/{len(CELLS)}, distinct answers {len(set(answers))}")
-    print("layer  attention-logit spread over image tokens per head   attention on the object per head")
-    for layer in range(layers):
-        print(f"{layer:>5}  {' '.join(f'{x:5.2f}' for x in spread[layer])}      "
-              f"{' '.join(f'{x:5.3f}' for x in on_object[layer])}")
+    print_per_head("layer  attention-logit spread over image tokens per head   attention on the object per head",
+                   spread, on_object, "5.3f")
 
 
 if __name__ == "__main__":
