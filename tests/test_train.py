@@ -13,6 +13,8 @@ from openbagel.config import preset
 from openbagel.data.packing import PackingConfig
 from openbagel.data.sources import synthetic_source
 from openbagel.models.bagel import LossTerms
+from openbagel.models.layers import sincos_2d_table
+from openbagel.processing import target_size
 from openbagel.tokenizer import train_tokenizer
 from openbagel.train import checkpointing
 from openbagel.train.losses import LossWeights, objective
@@ -132,3 +134,26 @@ def test_a_run_without_a_tokenizer_trains_bpe_on_its_data(tmp_path, tokenizer_di
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     for word in ("red", "green", "left", "right"):
         assert len(t.tokenizer.encode(word)) < len(word), word
+
+
+def test_position_table_scale_centres_the_tables_on_the_used_grid_and_survives_export(tmp_path, tokenizer_dir):
+    """The option replaces both frozen sin-cos tables by their centred, scaled versions; the checkpoint carries
+    them, and a fine-tune of that checkpoint with the same option gets the same tables (not scaled twice)."""
+    t = Trainer(small(tokenizer_dir, position_table_scale=40.0), tmp_path / "a")
+    m, cfg = t.model, t.model_cfg
+    plain = sincos_2d_table(cfg.llm.hidden_size, cfg.vit_max_num_patch_per_side)
+    p = cfg.vit.patch_size
+    vit_w, vit_h = target_size(*cfg.default_image_size[::-1], cfg.vit_transform)
+    used = m.vit_grid_ids(vit_h // p, vit_w // p)
+    table = m.vit_pos_embed.pos_embed.detach()
+    assert table[used].mean(0).abs().max() < 1e-3  # the shared part is gone
+    assert torch.allclose(table[used[1]] - table[used[0]], 40 * (plain[used[1]] - plain[used[0]]), atol=1e-3)
+    down = cfg.latent_downsample
+    latent_used = m.latent_grid_ids(cfg.default_image_size[0] // down, cfg.default_image_size[1] // down)
+    assert m.latent_pos_embed.pos_embed.detach()[latent_used].mean(0).abs().max() < 1e-3
+    t.train_step()  # frozen: the step leaves the tables alone
+    assert torch.equal(m.vit_pos_embed.pos_embed.detach(), table)
+    export = t.export(tmp_path / "export")
+    assert torch.allclose(load_checkpoint(export).model.vit_pos_embed.pos_embed, table, rtol=1e-2, atol=1e-2)
+    again = Trainer(small(tokenizer_dir, init_from=str(export), position_table_scale=40.0), tmp_path / "b")
+    assert torch.allclose(again.model.vit_pos_embed.pos_embed.detach(), table)

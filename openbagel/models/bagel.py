@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import BagelConfig
 from ..data.batch import TEXT, VAE, VIT, PackedBatch
-from ..processing import patchify_latent
+from ..processing import patchify_latent, target_size
 from .layers import MLPConnector, PositionEmbedding, TimestepEmbedder, grid_position_ids
 from .qwen2_mot import Qwen2MoTForCausalLM
 from .siglip import SiglipNaViT
@@ -83,6 +83,16 @@ class Bagel(nn.Module):
             if not prefixes:
                 self.vit_pos_embed.reset_parameters()
                 self.latent_pos_embed.reset_parameters()
+
+    def centre_position_tables(self, scale: float) -> None:
+        """Both sin-cos tables centred on the token grids of the default image size and scaled: a
+        training-time choice for small grids; the tables stay frozen tensors in the official layout."""
+        height, width = self.cfg.default_image_size
+        vit_w, vit_h = target_size(width, height, self.cfg.vit_transform)
+        p = self.cfg.vit.patch_size
+        self.vit_pos_embed.reset_parameters(self.vit_grid_ids(vit_h // p, vit_w // p), scale)
+        down = self.cfg.latent_downsample
+        self.latent_pos_embed.reset_parameters(self.latent_grid_ids(height // down, width // down), scale)
 
     def copy_und_to_gen(self) -> None:
         """Initialise every `_moe_gen` twin from its understanding weight (the official `init_moe`)."""

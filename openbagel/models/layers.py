@@ -113,9 +113,15 @@ class PositionEmbedding(nn.Module):
         self.grid = grid
         self.pos_embed = nn.Parameter(torch.zeros(grid * grid, dim), requires_grad=False)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, centre_on: torch.Tensor | None = None, scale: float = 1.0) -> None:
+        """The sin-cos table; with `centre_on` (the position ids a model's images use) minus its mean over
+        those rows, times `scale`. On a small grid most sin-cos dimensions are nearly constant, and that
+        shared part, not the position, dominates every token (MODEL_CARD.md, "Limits")."""
+        table = sincos_2d_table(self.pos_embed.shape[1], self.grid)
+        if centre_on is not None:
+            table = (table - table[centre_on].mean(0)) * scale
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_2d_table(self.pos_embed.shape[1], self.grid))
+            self.pos_embed.copy_(table)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.pos_embed[position_ids]

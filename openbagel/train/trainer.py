@@ -66,6 +66,7 @@ class TrainConfig:
     model: str = "tiny"  # config preset for a random init (ignored with init_from)
     init_from: str | None = None  # checkpoint folder or hub id to fine-tune
     reinit: tuple[str, ...] = ()  # parameter-name prefixes of init_from given a fresh init, e.g. ("vit_model.",)
+    position_table_scale: float = 0.0  # > 0: centred sin-cos position tables times this (Bagel.centre_position_tables)
     tokenizer: str | None = None  # tokenizer folder for a random init; None: train a BPE on the data
     vae_from: str | None = None  # folder with ae.safetensors + ae_config.json (a trained autoencoder)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +181,8 @@ class Trainer:
                 model.init_weights()
             if cfg.vae_from:
                 vae.load_state_dict(load_file(str(Path(cfg.vae_from) / "ae.safetensors")))
+        if cfg.position_table_scale:
+            model.centre_position_tables(cfg.position_table_scale)
         self.model, self.vae = model.to(dev).train(), vae.to(dev).eval().requires_grad_(False)
         apply_freezing(self.model, cfg)
 
