@@ -157,3 +157,5 @@ def test_position_table_scale_centres_the_tables_on_the_used_grid_and_survives_e
     assert torch.allclose(load_checkpoint(export).model.vit_pos_embed.pos_embed, table, rtol=1e-2, atol=1e-2)
     again = Trainer(small(tokenizer_dir, init_from=str(export), position_table_scale=40.0), tmp_path / "b")
     assert torch.allclose(again.model.vit_pos_embed.pos_embed.detach(), table)
+    with pytest.raises(ValueError, match="position_table_scale must be > 0"):
+        small(tokenizer_dir, position_table_scale=-1.0)

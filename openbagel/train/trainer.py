@@ -102,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be None, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
         if self.reinit and not self.init_from:
             raise ValueError("reinit re-initialises parts of init_from: set init_from too (a random init is all new)")
+        if self.position_table_scale < 0:
+            raise ValueError(f"position_table_scale must be > 0 (or 0: the official sin-cos tables), got {self.position_table_scale}")
 
 
 @dataclass
