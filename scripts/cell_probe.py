@@ -20,18 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_probe import object_patches, print_per_head, teacher_forced  # noqa: E402
 
 from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
-from openbagel.processing import patchify_image, resize, to_tensor  # noqa: E402
+from openbagel.processing import patchify_image, resize, target_size, to_tensor  # noqa: E402
 from openbagel.shapes.render import render  # noqa: E402
 from openbagel.shapes.samples import training_sample  # noqa: E402
-from openbagel.shapes.scene import CELLS, COLORS, SHAPES, Obj, Scene, cell_block  # noqa: E402
+from openbagel.shapes.scene import CANVAS, CELLS, COLORS, SHAPES, Obj, Scene, cell_block  # noqa: E402
 from openbagel.shapes.tasks import Step, Task  # noqa: E402
 
 
 def token_cells(cfg, cell: str) -> set[int]:
     """ViT tokens whose patch overlaps the cell's 21 x 21 block (in the resized ViT input)."""
-    p, size = cfg.vit.patch_size, resize(render(Scene("black", ())), cfg.vit_transform).size[0]
+    p, size = cfg.vit.patch_size, target_size(CANVAS, CANVAS, cfg.vit_transform)[0]
     rows, cols = cell_block(cell)
-    scale, grid = size / 64, size // p
+    scale, grid = size / CANVAS, size // p
     r0, r1 = int(rows.start * scale) // p, int((rows.stop - 1) * scale) // p
     c0, c1 = int(cols.start * scale) // p, int((cols.stop - 1) * scale) // p
     return {r * grid + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)}
@@ -47,7 +47,7 @@ def main() -> None:
     model, cfg, tok = pipe.engine.model, pipe.config, pipe.tokenizer
     question = f"where is the {args.shape}?"
     patches = lambda scene: patchify_image(to_tensor(resize(render(scene), cfg.vit_transform)), cfg.vit.patch_size)
-    empty = Scene("black", ())
+    empty = patches(Scene("black", ()))
     layers, heads = cfg.llm.num_hidden_layers, cfg.llm.num_attention_heads
     spread = torch.zeros(layers, heads)
     on_object = torch.zeros(layers, heads)
@@ -59,7 +59,7 @@ def main() -> None:
         answer = pipe.understand(render(scene), question).text.strip()
         answers.append(answer)
         right += answer == cell
-        changed = int((patches(scene) - patches(empty)).abs().amax(-1).argmax())
+        changed = int((patches(scene) - empty).abs().amax(-1).argmax())
         print(f"{cell:<13} {answer:<14} {'yes' if answer == cell else 'no':<6} "
               f"{changed} ({'yes' if changed in token_cells(cfg, cell) else 'NO'})")
         task = Task("question", "where", scene, (Step(question, "", answer=cell),))
