@@ -159,3 +159,43 @@ def test_position_table_scale_centres_the_tables_on_the_used_grid_and_survives_e
     assert torch.allclose(again.model.vit_pos_embed.pos_embed.detach(), table)
     with pytest.raises(ValueError, match="position_table_scale must be > 0"):
         small(tokenizer_dir, position_table_scale=-1.0)
+    vit_only = Trainer(small(tokenizer_dir, position_table_scale=40.0, position_tables=("vit",)), tmp_path / "c").model
+    assert torch.allclose(vit_only.vit_pos_embed.pos_embed.detach(), table)
+    plain_latent = Trainer(small(tokenizer_dir), tmp_path / "d").model.latent_pos_embed.pos_embed
+    assert torch.equal(vit_only.latent_pos_embed.pos_embed, plain_latent)  # left as the sin-cos table
+    with pytest.raises(ValueError, match="unknown position tables"):
+        Trainer(small(tokenizer_dir, position_table_scale=40.0, position_tables=("latents",)), tmp_path / "e")
+
+
+def test_time_limit_stops_saves_and_exports(tmp_path, tokenizer_dir):
+    """A run out of time ends at a step boundary with a checkpoint and the export, as a finished run does;
+    `--resume` then carries on from that step."""
+    t = Trainer(small(tokenizer_dir, steps=1000, time_limit_s=1e-9, export_ema=True), tmp_path)
+    history = t.train()
+    assert len(history) == 1 and t.step == 1
+    assert checkpointing.latest_checkpoint(t.ckpt_root).name == "step_0000001"
+    assert load_checkpoint(tmp_path / "export").model is not None
+    assert Trainer(small(tokenizer_dir, steps=1000), tmp_path, resume=True).step == 1
+    with pytest.raises(ValueError, match="time_limit_s must be >= 0"):
+        small(tokenizer_dir, time_limit_s=-1.0)
+
+
+def test_data_workers_resume_exactly(tmp_path, tokenizer_dir):
+    """Packing in worker processes: the run resumes on the same batches (the data position holds every
+    lane's), and a checkpoint of one layout refuses to resume under the other with the fix in the message."""
+    cfg = small(tokenizer_dir, data_workers=2)
+    straight = Trainer(cfg, tmp_path / "a")
+    losses = [straight.train_step().loss for _ in range(3)]
+    first = Trainer(cfg, tmp_path / "b")
+    first.train_step()
+    first.save()
+    resumed = Trainer(cfg, tmp_path / "b", resume=True)
+    assert [resumed.train_step().loss for _ in range(2)] == losses[1:]
+    for other in (0, 3):
+        with pytest.raises(ValueError, match="resume with data_workers=2"):
+            Trainer(small(tokenizer_dir, data_workers=other), tmp_path / "b", resume=True)
+    plain = Trainer(small(tokenizer_dir), tmp_path / "c")
+    plain.train_step()
+    plain.save()
+    with pytest.raises(ValueError, match="resume with data_workers=0"):
+        Trainer(cfg, tmp_path / "c", resume=True)

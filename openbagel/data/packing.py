@@ -300,6 +300,9 @@ class Packer:
         return {"next_index": self.next_index, "buffer": [s.index for s in self.buffer]}
 
     def load_state(self, state: dict) -> None:
+        if "lanes" in state:
+            raise ValueError(f"the checkpoint's data position has {len(state['lanes'])} worker lanes: "
+                             f"resume with data_workers={len(state['lanes'])}")
         wanted = list(state["buffer"])
         self.buffer = []
         if wanted:

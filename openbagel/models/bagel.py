@@ -84,15 +84,21 @@ class Bagel(nn.Module):
                 self.vit_pos_embed.reset_parameters()
                 self.latent_pos_embed.reset_parameters()
 
-    def centre_position_tables(self, scale: float) -> None:
-        """Both sin-cos tables centred on the token grids of the default image size and scaled: a
-        training-time choice for small grids; the tables stay frozen tensors in the official layout."""
+    def centre_position_tables(self, scale: float, tables: tuple[str, ...] = ("vit", "latent")) -> None:
+        """The sin-cos tables named in `tables` ("vit", "latent") centred on the token grids of the default
+        image size and scaled: a training-time choice for small grids, where the plain tables barely tell
+        cells apart; the tables stay frozen tensors in the official layout."""
+        unknown = set(tables) - {"vit", "latent"}
+        if unknown:
+            raise ValueError(f"unknown position tables {sorted(unknown)}: choose from 'vit', 'latent'")
         height, width = self.cfg.default_image_size
-        vit_w, vit_h = target_size(width, height, self.cfg.vit_transform)
-        p = self.cfg.vit.patch_size
-        self.vit_pos_embed.reset_parameters(self.vit_grid_ids(vit_h // p, vit_w // p), scale)
-        down = self.cfg.latent_downsample
-        self.latent_pos_embed.reset_parameters(self.latent_grid_ids(height // down, width // down), scale)
+        if "vit" in tables:
+            vit_w, vit_h = target_size(width, height, self.cfg.vit_transform)
+            p = self.cfg.vit.patch_size
+            self.vit_pos_embed.reset_parameters(self.vit_grid_ids(vit_h // p, vit_w // p), scale)
+        if "latent" in tables:
+            down = self.cfg.latent_downsample
+            self.latent_pos_embed.reset_parameters(self.latent_grid_ids(height // down, width // down), scale)
 
     def copy_und_to_gen(self) -> None:
         """Initialise every `_moe_gen` twin from its understanding weight (the official `init_moe`)."""

@@ -28,6 +28,7 @@ from ..config import BagelConfig, VAEConfig, preset
 from ..data.interleaved import TextItem
 from ..data.packing import Packer, PackingConfig
 from ..data.sources import DataConfig, build_source
+from ..data.workers import WorkerPacker
 from ..models.bagel import Bagel
 from ..models.vae import AutoEncoder
 from ..tokenizer import BagelTokenizer, train_tokenizer
@@ -67,6 +68,7 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint folder or hub id to fine-tune
     reinit: tuple[str, ...] = ()  # parameter-name prefixes of init_from given a fresh init, e.g. ("vit_model.",)
     position_table_scale: float = 0.0  # > 0: centred sin-cos position tables times this (Bagel.centre_position_tables)
+    position_tables: tuple[str, ...] = ("vit", "latent")  # which tables position_table_scale applies to
     tokenizer: str | None = None  # tokenizer folder for a random init; None: train a BPE on the data
     vae_from: str | None = None  # folder with ae.safetensors + ae_config.json (a trained autoencoder)
     data: DataConfig = field(default_factory=DataConfig)
@@ -74,6 +76,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     steps: int = 1000
+    time_limit_s: float = 0.0  # > 0: stop (save, export) once the loop has run this long, e.g. on a lent GPU
     grad_accum: int = 1
     timestep_shift: float = 1.0
     ema_decay: float = 0.9999
@@ -86,6 +89,7 @@ class TrainConfig:
     vae_sample: bool = True  # sample the VAE posterior (official) rather than take its mean
     seed: int = 4396
     device: str = "auto"
+    data_workers: int = 0  # > 0: pack batches in this many background processes (data/workers.py)
     log_every: int = 10
     eval_every: int = 0  # Shapes runs: score the EMA with the detector this often (0 = never)
     save_every: int = 2000
@@ -102,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be None, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
         if self.reinit and not self.init_from:
             raise ValueError("reinit re-initialises parts of init_from: set init_from too (a random init is all new)")
+        if self.data_workers < 0 or self.time_limit_s < 0:
+            raise ValueError("data_workers and time_limit_s must be >= 0")
         if self.position_table_scale < 0:
             raise ValueError(f"position_table_scale must be > 0 (or 0: the official sin-cos tables), got {self.position_table_scale}")
 
@@ -184,7 +190,7 @@ class Trainer:
             if cfg.vae_from:
                 vae.load_state_dict(load_file(str(Path(cfg.vae_from) / "ae.safetensors")))
         if cfg.position_table_scale:
-            model.centre_position_tables(cfg.position_table_scale)
+            model.centre_position_tables(cfg.position_table_scale, tuple(cfg.position_tables))
         self.model, self.vae = model.to(dev).train(), vae.to(dev).eval().requires_grad_(False)
         apply_freezing(self.model, cfg)
 
@@ -202,8 +208,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, cfg.steps))
-        self.packer = Packer(source, self.tokenizer, self.model_cfg, cfg.packing, cfg.seed,
-                             self.world.rank, self.world.size)
+        if cfg.data_workers:
+            self.packer = WorkerPacker(cfg.data, self.tokenizer, self.model_cfg, cfg.packing, cfg.seed,
+                                       self.world.rank, self.world.size, workers=cfg.data_workers)
+        else:
+            self.packer = Packer(source, self.tokenizer, self.model_cfg, cfg.packing, cfg.seed,
+                                 self.world.rank, self.world.size)
         self.step = 0
         self.ckpt_root = self.out / "checkpoints"
         if resume:
@@ -284,14 +294,18 @@ class Trainer:
     # ----- the loop ------------------------------------------------------------------------------
 
     def train(self, on_step=None) -> list[StepStats]:
-        """Run to cfg.steps. `on_step(trainer, stats)` is called after each step (e.g. a periodic eval)."""
+        """Run to cfg.steps, or until cfg.time_limit_s has passed (then save and export as at the end).
+        `on_step(trainer, stats)` is called after each step (e.g. a periodic eval)."""
         cfg, main = self.cfg, self.world.is_main
         log = MetricsLog(self.out) if main else None
         history: list[StepStats] = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), dynamic_ncols=True)
+        deadline = time.monotonic() + cfg.time_limit_s if cfg.time_limit_s else math.inf
+        out_of_time = False
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not out_of_time:
                 s = self.train_step()
+                out_of_time = self._agreed(time.monotonic() >= deadline)
                 history.append(s)
                 tps = s.tokens / s.seconds
                 bar.update(1)
@@ -300,7 +314,7 @@ class Trainer:
                     log.log({**asdict(s), "tokens_per_s": tps})
                 if on_step is not None:
                     on_step(self, s)
-                if s.step % cfg.save_every == 0 or s.step == cfg.steps:
+                if s.step % cfg.save_every == 0 or s.step == cfg.steps or out_of_time:
                     self.save()
                     if main:
                         plot_losses(log.path, self.out / "loss_curve.png")
@@ -308,6 +322,12 @@ class Trainer:
             bar.close()
             if log:
                 log.close()
-        if cfg.export_ema and self.step >= cfg.steps and history:
+        if cfg.export_ema and (self.step >= cfg.steps or out_of_time) and history:
             self.export()
         return history
+
+    def _agreed(self, flag: bool) -> bool:
+        """True on every rank once any rank says so (ranks' clocks differ; all must stop at one step)."""
+        if not self.world.distributed:
+            return flag
+        return bool(all_reduce_sum(torch.tensor(float(flag), device=self.world.device)).item())
