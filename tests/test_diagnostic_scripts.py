@@ -59,3 +59,15 @@ def test_cell_probe_runs_on_the_embedded_model_and_finds_each_object_in_its_cell
     for row in table:
         spread, on_object = row[1:5], row[5:9]
         assert all(s >= 0 for s in spread) and all(0 <= w <= 1 for w in on_object)
+
+
+def test_model_card_examples_render_the_strip_and_print_the_answers(tmp_path):
+    out = tmp_path / "strip.png"
+    cmd = [sys.executable, str(ROOT / "scripts" / "model_card_examples.py"), "--out", str(out)]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout.splitlines()
+    from PIL import Image
+
+    assert Image.open(out).size == (6 * 128 + 5 * 8, 128)  # source, text-to-image, four edits
+    assert lines[0].startswith("caption: a large red circle")
+    answers = [line for line in lines if " -> " in line]
+    assert len(answers) == 3 and all("(expected " in line for line in answers)

@@ -167,6 +167,17 @@ def test_position_table_scale_centres_the_tables_on_the_used_grid_and_survives_e
         Trainer(small(tokenizer_dir, position_table_scale=40.0, position_tables=("latents",)), tmp_path / "e")
 
 
+def test_encode_latents_batches_by_size_and_keeps_the_order(tmp_path, tokenizer_dir):
+    """One VAE call per image size gives each image the latents it gets alone, in the input order."""
+    t = Trainer(small(tokenizer_dir), tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=gen) * 2 - 1 for h, w in ((32, 32), (64, 32), (32, 32), (64, 32))]
+    together = t.model.encode_latents(t.vae, images, sample=False)
+    alone = torch.cat([t.model.encode_latents(t.vae, [img], sample=False) for img in images])
+    assert together.shape == alone.shape
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
 def test_time_limit_stops_saves_and_exports(tmp_path, tokenizer_dir):
     """A run out of time ends at a step boundary with a checkpoint and the export, as a finished run does;
     `--resume` then carries on from that step."""

@@ -310,7 +310,7 @@ class Trainer:
                 tps = s.tokens / s.seconds
                 bar.update(1)
                 bar.set_postfix(loss=f"{s.loss:.4f}", ce=f"{s.ce:.3f}", mse=f"{s.mse:.3f}", tok_s=f"{tps:.0f}")
-                if log and (s.step % cfg.log_every == 0 or s.step == cfg.steps or s.step == 1):
+                if log and (s.step % cfg.log_every == 0 or s.step == cfg.steps or s.step == 1 or out_of_time):
                     log.log({**asdict(s), "tokens_per_s": tps})
                 if on_step is not None:
                     on_step(self, s)
