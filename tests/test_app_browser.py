@@ -109,4 +109,7 @@ def test_examples_run_in_each_tab(page, tab, button, output):
         page.wait_for_function("el => el.value.length > 0", arg=result.element_handle())
     else:
         result.wait_for(state="visible")
+    # The answer streams in: the docs screenshot waits for the whole of it (Gradio marks a streaming output
+    # block `.generating` until the event ends).
+    page.wait_for_function("() => document.querySelector('.generating') === null")
     page.screenshot(path=str(DOCS / f"app-{tab.lower()}.png"), full_page=True)
