@@ -305,7 +305,7 @@ class Trainer:
         try:
             while self.step < cfg.steps and not out_of_time:
                 s = self.train_step()
-                out_of_time = self._agreed(time.monotonic() >= deadline)
+                out_of_time = bool(cfg.time_limit_s) and self._agreed(time.monotonic() >= deadline)
                 history.append(s)
                 tps = s.tokens / s.seconds
                 bar.update(1)
