@@ -28,3 +28,14 @@ def test_gpu_profile_runs_on_cpu_at_small_size():
            "--dtype", "fp32", "--side", "64", "--steps", "2", "--rows", "5"]
     table = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
     assert "Self CPU" in table and "aten::" in table
+
+
+def test_data_workers_benchmark_runs(tmp_path):
+    out = tmp_path / "workers.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "data_workers.py"), "--batches", "1", "--workers", "1",
+           "--head-start", "0", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["rows_per_batch"] == 32 and report["vae_images_per_batch"] > 0
+    assert [r["what"].split(",")[0] for r in report["rows"]] == ["pack one batch (one process)", "receive", "receive"]
+    assert all(r["seconds"] > 0 for r in report["rows"])

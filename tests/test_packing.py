@@ -207,3 +207,28 @@ def test_parquet_and_jsonl_sources(tmp_path, tok):
     (_, sample), = itertools.islice(llava(0, 1), 1)
     assert [type(x).__name__ for x in sample] == ["ImageItem", "TextItem", "TextItem"]
     assert sample[0].vit and not sample[0].vae and not sample[1].loss and sample[2].loss and sample[2].text == "red"
+
+
+def test_worker_packer_delivers_the_packers_batches_intact(tok):
+    """One worker lane is the one-process stream: every tensor and every VAE image arrives unchanged
+    (the images cross the process boundary flattened into one tensor)."""
+    from dataclasses import fields
+
+    from openbagel.data.sources import DataConfig
+    from openbagel.data.workers import WorkerPacker
+
+    cfg = PackingConfig(expected_num_tokens=100, max_num_tokens=128, max_num_tokens_per_sample=120, rows_per_batch=2)
+    data = DataConfig(kind="synthetic", image_size=32)
+    local = Packer(synthetic_source(seed=3, image_size=32), tok, CFG, cfg, seed=3)
+    remote = WorkerPacker(data, tok, CFG, cfg, seed=3, workers=1)
+    for _ in range(3):
+        a, b = local.next_batch(), remote.next_batch()
+        assert a.vae_images and len(a.vae_images) == len(b.vae_images)
+        assert all(torch.equal(x, y) for x, y in zip(a.vae_images, b.vae_images))
+        for f in fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), f.name
+            elif f.name != "vae_images":
+                assert x == y, f.name
+    assert remote.state()["lanes"][0] == local.state()
