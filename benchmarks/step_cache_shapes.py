@@ -1,6 +1,6 @@
 """Step caching on the embedded model, judged by the Shapes world: scores and time with it off and on.
 
-Usage: python benchmarks/step_cache_shapes.py [-n 8] [--interval 2] [--order 1] [--model DIR]
+Usage: python benchmarks/step_cache_shapes.py [-n 8] [--interval 2] [--order 1] [--warmup 2] [--final 1] [--model DIR]
 The same held-out tasks (same seed) run twice through the batch path: the default denoising loop,
 then with `engine.step_cache` set. It prints every image category's score for both, the difference in
 points, and the wall time of each whole evaluation (generation + scoring). The issue's bar: scores
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=int, default=2)
     parser.add_argument("--order", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps always computed")
+    parser.add_argument("--final", type=int, default=1, help="last steps always computed")
     parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/step_cache_shapes.json")
@@ -42,7 +44,8 @@ def main() -> None:
     pipe = BagelPipeline.from_pretrained(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     runs = {}
-    for name, cache in (("off", None), ("on", StepCacheConfig(interval=args.interval, order=args.order))):
+    for name, cache in (("off", None), ("on", StepCacheConfig(interval=args.interval, order=args.order,
+                                                               warmup=args.warmup, final=args.final))):
         pipe.engine.step_cache = cache
         start = time.perf_counter()
         metrics = evaluate(pipeline_runner(pipe), n=args.n, seed=args.seed, think_modes=THINK_MODES)["metrics"]
@@ -59,7 +62,7 @@ def main() -> None:
                      "difference": round((on - off) * scale, 2)})
     report(rows, ["metric", "off", "on", "difference"], args.out,
            {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "interval": args.interval,
-            "order": args.order, **environment(args.threads)})
+            "order": args.order, "warmup": args.warmup, "final": args.final, **environment(args.threads)})
 
 
 if __name__ == "__main__":
