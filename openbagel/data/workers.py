@@ -1,7 +1,7 @@
 """`WorkerPacker`: a `Packer` run in background processes, for accelerators that outpace one CPU core.
 
-Rendering, tokenising and packing a Shapes batch costs about 5 ms per row on one core; a GPU step of
-a small model costs less. With `workers=W`, rank r runs W packing *lanes*, lane w a `Packer` over the
+Rendering, tokenising and packing a Shapes batch costs about 5 ms per row on one core; an H100 steps
+the embedded model through a 32-row batch faster than one core packs it. With `workers=W`, rank r runs W packing *lanes*, lane w a `Packer` over the
 samples of global lane g = r*W + w (samples g, g + world*W, ...), each in its own worker process.
 Batches come back lane by lane in a fixed order, so a run is deterministic for a given W. The data
 position is every lane's `Packer.state()` plus the lane due next: a resumed run continues exactly
@@ -20,7 +20,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import BagelConfig
