@@ -210,3 +210,17 @@ def test_data_workers_resume_exactly(tmp_path, tokenizer_dir):
     plain.save()
     with pytest.raises(ValueError, match="resume with data_workers=0"):
         Trainer(cfg, tmp_path / "c", resume=True)
+
+
+def test_every_recipe_builds_a_valid_config():
+    import dataclasses
+
+    from openbagel.train.recipes import RECIPES, get_recipe
+
+    for name in RECIPES:
+        cfg = dataclasses.replace(get_recipe(name))  # runs the validation again
+        assert cfg.steps > 0, name
+    scratch = get_recipe("shapes-tiny-gpu-scratch")
+    assert scratch.init_from is None and scratch.tokenizer is None and scratch.vae_from  # BPE trained, shipped AE
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("shapes-huge")
