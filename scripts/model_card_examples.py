@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default=None, help="checkpoint folder (default: the embedded model)")
     parser.add_argument("--out", default="docs/embedded/examples/examples.png")
     args = parser.parse_args()
-    pipe = BagelPipeline.from_pretrained(args.model) if args.model else BagelPipeline.from_pretrained()
+    pipe = BagelPipeline.from_pretrained(args.model)  # None: the embedded model
     pipe.set_progress_bar_config(disable=True)
     source = render(SCENE)
     text = caption(SCENE)

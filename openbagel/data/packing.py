@@ -279,6 +279,12 @@ def collate(rows: list[list[SampleTokens]], cfg: PackingConfig) -> PackedBatch:
 # ----- packer -------------------------------------------------------------------------------------
 
 
+def lanes_mismatch(found: int) -> ValueError:
+    """A data position saved with another number of packing worker lanes (`data/workers.py`)."""
+    return ValueError(f"the checkpoint's data position has {found} worker lanes (0: no data_workers); "
+                      f"resume with data_workers={found}")
+
+
 class Packer:
     """Pulls samples from a source, packs them into rows under the token budget, and yields batches.
 
@@ -301,8 +307,7 @@ class Packer:
 
     def load_state(self, state: dict) -> None:
         if "lanes" in state:
-            raise ValueError(f"the checkpoint's data position has {len(state['lanes'])} worker lanes: "
-                             f"resume with data_workers={len(state['lanes'])}")
+            raise lanes_mismatch(len(state["lanes"]))
         wanted = list(state["buffer"])
         self.buffer = []
         if wanted:

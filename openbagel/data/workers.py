@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import BagelConfig
 from ..tokenizer import BagelTokenizer
 from .batch import PackedBatch
-from .packing import Packer, PackingConfig
+from .packing import Packer, PackingConfig, lanes_mismatch
 from .sources import DataConfig, build_source
 
 
@@ -85,10 +85,9 @@ class WorkerPacker:
         return {"lanes": list(self.states), "next_lane": self.next_lane}
 
     def load_state(self, state: dict) -> None:
-        if "lanes" not in state or len(state["lanes"]) != self.workers:
-            found = len(state["lanes"]) if "lanes" in state else 0
-            raise ValueError(f"the checkpoint's data position has {found} worker lanes (0: no data_workers); "
-                             f"resume with data_workers={found}")
+        found = len(state.get("lanes", []))
+        if found != self.workers:
+            raise lanes_mismatch(found)
         self.states, self.next_lane = list(state["lanes"]), state["next_lane"]
         self._batches = None
 

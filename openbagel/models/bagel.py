@@ -138,13 +138,11 @@ class Bagel(nn.Module):
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
             by_size.setdefault(tuple(img.shape), []).append(i)
-        latents: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        tokens: dict[int, torch.Tensor] = {}
         for indices in by_size.values():
             z = vae.encode(torch.stack([images[i] for i in indices]).to(dtype), sample=sample, generator=generator)
-            for i, one in zip(indices, z):
-                latents[i] = one
-        tokens = [patchify_latent(z, self.cfg.latent_patch_size) for z in latents]
-        return torch.cat(tokens).to(self.vae2llm.weight.dtype)
+            tokens.update((i, patchify_latent(one, self.cfg.latent_patch_size)) for i, one in zip(indices, z))
+        return torch.cat([tokens[i] for i in range(len(images))]).to(self.vae2llm.weight.dtype)
 
     # ----- training ------------------------------------------------------------------------------
 
