@@ -2,10 +2,12 @@
 
 Usage (random weights built directly on the device, no checkpoint on disk; one process per variant):
     python benchmarks/gpu_7b.py                                  # bagel-7b-mot, bf16, 1024², 50 steps
+    python benchmarks/gpu_7b.py --compile --repeat 1             # ... and with the decoder layers compiled
     python benchmarks/gpu_7b.py --quantize torchao-int8          # or torchao-int4, bnb-int8, bnb-nf4
     python benchmarks/gpu_7b.py --offload                        # decoder layers streamed from CPU memory
     python benchmarks/gpu_7b.py --config wide --device cpu --dtype fp32 --side 64 --steps 3   # smoke run
-For each task it reports the median seconds per image (after one warm-up call), the peak accelerator
+For each task it reports the median seconds per image (after one warm-up call; with --compile, again
+with the decoder layers compiled, after a call that compiles them), the peak accelerator
 memory (CUDA: max_memory_allocated; CPU: the process's resident high-water mark), the FLOPs of one whole
 call as `torch.utils.flop_counter` counts them (prefill, denoising, VAE), and MFU = FLOPs / seconds / peak,
 where the peak is the card's dense bf16 figure (`--peak-tflops`, known for H100 / H200 / A100) or, on
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quantize", choices=MODES, default=None)
     parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--tasks", default="t2i,edit", help="comma-separated: t2i, edit")
+    parser.add_argument("--compile", action="store_true",
+                        help="time each task again with engine.compile_step (its first call compiles: compile_s)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense peak (default: known cards)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU smoke runs)")
     parser.add_argument("--out", default="benchmarks/gpu_7b.json")
@@ -120,20 +125,31 @@ def main() -> None:
         return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / GiB
 
     rows = []
-    for task, call in task_calls(pipe, args.side, args.steps).items():
-        reset_memory()
-        timing = measure(call, args.repeat)  # the first (warm-up) call is not timed
-        memory = peak_memory()
-        with FlopCounterMode(display=False) as counter:
+    calls = task_calls(pipe, args.side, args.steps)
+    for task in args.tasks.split(","):
+        call = calls[task]
+        with FlopCounterMode(display=False) as counter:  # the eager warm-up call, counted
             call()
         flops = counter.get_total_flops()
-        achieved = flops / timing["median_s"] / 1e12
-        rows.append({"task": task, "side": args.side, "steps": args.steps, "seconds": timing["median_s"],
-                     "peak_memory_gib": round(memory, 2), "flop": flops, "tflop": round(flops / 1e12, 2),
-                     "tflops": round(achieved, 1), "mfu": round(achieved / peak, 3), "timing": timing})
+        for compiled in [False, True] if args.compile else [False]:
+            pipe.engine.compile_step = compiled
+            start = time.perf_counter()
+            if compiled:
+                call()  # compiles the decoder layer (regional compilation) for this task's shapes
+            compile_s = time.perf_counter() - start if compiled else None
+            reset_memory()
+            timing = measure(call, args.repeat, warmup=0)
+            achieved = flops / timing["median_s"] / 1e12
+            rows.append({"task": task, "step": "compiled" if compiled else "eager", "side": args.side,
+                         "steps": args.steps, "seconds": timing["median_s"], "peak_memory_gib": round(peak_memory(), 2),
+                         "flop": flops, "tflop": round(flops / 1e12, 2), "tflops": round(achieved, 1),
+                         "mfu": round(achieved / peak, 3), "compile_s": compile_s and round(compile_s, 1),
+                         "timing": timing})
+            print({k: v for k, v in rows[-1].items() if k != "timing"}, flush=True)  # survives a time-out
     variant = args.quantize or ("offload" if args.offload else args.dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report(rows, ["task", "side", "steps", "seconds", "peak_memory_gib", "tflop", "tflops", "mfu"], args.out,
+    report(rows, ["task", "step", "side", "steps", "seconds", "peak_memory_gib", "tflop", "tflops", "mfu", "compile_s"],
+           args.out,
            {"benchmark": "gpu_7b", "config": args.config, "variant": variant, "device": device_name,
             "peak_tflops": round(peak, 2), "peak_source": peak_source, "build_s": round(build_s, 1),
             **environment(args.threads)})

@@ -124,12 +124,56 @@ def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_compiled_step_matches(tiny_pipeline):
+def test_compiled_layers_match(tiny_pipeline):
+    """Regional compilation: every decoder layer compiled on its own, one shared graph, same latents."""
     jobs = _jobs(tiny_pipeline, "edit", steps=3)
     plain = _generate(tiny_pipeline, jobs)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = _generate(tiny_pipeline, jobs, compile_step=True)
-    tiny_pipeline.engine._compiled_step = None
+    tiny_pipeline.engine._compiled_layers = None
     assert _rel(compiled, plain) < 1e-5
+    n_layers = len(tiny_pipeline.engine.model.language_model.model.layers)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert n_layers > 1 and 1 <= graphs < n_layers, (graphs, n_layers)
+
+
+def test_key_suffixes_equal_the_masked_attention():
+    """Rows attending to suffixes of their keys without a mask = the same rows under a dense mask."""
+    from openbagel.models.layers import KeySuffixes, attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 4, 5, 8, generator=g), torch.randn(4, 2, 12, 8, generator=g), torch.randn(4, 2, 12, 8, generator=g)
+    starts = [3, 3, 0, 7]
+    spans = KeySuffixes.from_starts(starts)
+    assert spans.groups == ((0, 2, 3), (2, 3, 0), (3, 4, 7))
+    mask = (torch.arange(12)[None, :] >= torch.tensor(starts)[:, None])[:, None, None].expand(4, 1, 5, 12)
+    torch.testing.assert_close(attention(q, k, v, spans), attention(q, k, v, mask))
+    part = spans.rows(slice(1, 3))
+    assert part.groups == ((0, 1, 3), (1, 2, 0))
+    torch.testing.assert_close(attention(q[1:3], k[1:3], v[1:3], part), attention(q[1:3], k[1:3], v[1:3], mask[1:3]))
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_mask_free_denoising_equals_the_masked_path(tiny_pipeline, task, monkeypatch):
+    """Guidance contexts of unequal lengths are right-aligned, so the denoising loop attends without a
+    mask; forcing the dense mask gives the same latents."""
+    from openbagel.inference.kv_cache import KVCache
+    from openbagel.models import qwen2_mot
+    from openbagel.models.layers import KeySuffixes
+
+    jobs = _jobs(tiny_pipeline, task)
+    seen: list[object] = []
+    real = qwen2_mot.attention
+    monkeypatch.setattr(qwen2_mot, "attention", lambda q, k, v, mask: seen.append(mask) or real(q, k, v, mask))
+    mask_free = _generate(tiny_pipeline, jobs)
+    assert seen and all(isinstance(m, KeySuffixes) for m in seen)
+    assert len({g[2] for g in seen[0].groups}) == len(seen[0].groups) > 1  # contexts of unequal lengths
+    monkeypatch.setattr(KVCache, "first_valid", lambda self: None)
+    seen.clear()
+    masked = _generate(tiny_pipeline, jobs)
+    assert seen and all(isinstance(m, torch.Tensor) for m in seen)
+    assert _rel(mask_free, masked) < 1e-5
 
 
 def test_column_span_routing_matches_the_gather_path():

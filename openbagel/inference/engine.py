@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.bagel import Bagel
-from ..models.layers import rope_cos_sin
+from ..models.layers import KeySuffixes, rope_cos_sin
 from ..models.qwen2_mot import ExpertRouting, KVSlot
 from ..models.vae import AutoEncoder
 from ..processing import patchify_image, patchify_latent, unpatchify_latent
@@ -80,12 +80,12 @@ class Engine:
         self.bos_id, self.eos_id = bos_id, eos_id
         self.soi_id, self.eoi_id = start_of_image_id, end_of_image_id
         # Denoising options (see docs/performance.md). `batch_guidance=False` runs the guidance branches
-        # one forward each (for benchmarks); `compile_step` wraps the denoising forward in torch.compile;
+        # one forward each (for benchmarks); `compile_step` compiles the decoder layers of the denoising forward;
         # `step_cache` reuses velocities between full forwards (opt-in, approximate).
         self.batch_guidance = True
         self.compile_step = False
         self.step_cache: StepCacheConfig | None = None
-        self._compiled_step = None
+        self._compiled_layers = None
 
     @property
     def device(self) -> torch.device:
@@ -311,7 +311,9 @@ class Engine:
         R = cache.batch
         row_counts = [counts[k] for k in row_job]
         n = torch.tensor([c + 2 for c in row_counts], device=self.device)
-        mask = self._block_mask(cache, n, L, causal=False)
+        # Full blocks against right-aligned caches attend without a mask (see KeySuffixes).
+        starts = cache.first_valid() if len(set(row_counts)) == 1 else None
+        mask = KeySuffixes.from_starts(starts) if starts is not None else self._block_mask(cache, n, L, causal=False)
         positions = cache.rope[:, None].expand(R, L)
         cos, sin = rope_cos_sin(positions, self.cfg.llm.head_dim, self.cfg.llm.rope_theta, self.dtype)
         gen_mask = self._image_gen_mask(row_counts, L)
@@ -348,7 +350,7 @@ class Engine:
                     plan = [(slice(0, r_now), routing_all if any_cfg else routing_cond)]
                 else:
                     plan = [(slice(r, r + 1), row_routing[r]) for r in range(r_now)]
-                hidden = torch.cat([step_fn(h_in[s], mask[s], [_view(sl, s) for sl in slots], cos[s], sin[s], routing)
+                hidden = torch.cat([step_fn(h_in[s], _rows(mask, s), [_view(sl, s) for sl in slots], cos[s], sin[s], routing)
                                     for s, routing in plan])
                 v_rows = self.model.llm2vae(hidden).float()
                 if reuse is not None:
@@ -376,17 +378,22 @@ class Engine:
         return xs
 
     def _step_fn(self) -> Callable[..., torch.Tensor]:
-        """The denoising forward of a block of rows against their caches (optionally torch.compile'd)."""
+        """The denoising forward of a block of rows against their caches.
+
+        With `compile_step`, each decoder layer is torch.compile'd on its own (regional compilation): the
+        layers share one compiled graph, so compiling costs one layer's time, not the whole stack's.
+        """
         lm = self.model.language_model.model
+        layers = None
+        if self.compile_step:
+            if self._compiled_layers is None:
+                self._compiled_layers = [torch.compile(layer, dynamic=None) for layer in lm.layers]
+            layers = self._compiled_layers
 
         def step(x, mask, kv, cos, sin, routing):
-            return lm(x, None, mask, kv=kv, rope=(cos, sin), routing=routing)
+            return lm(x, None, mask, kv=kv, rope=(cos, sin), routing=routing, layers=layers)
 
-        if not self.compile_step:
-            return step
-        if self._compiled_step is None:
-            self._compiled_step = torch.compile(step, dynamic=None)
-        return self._compiled_step
+        return step
 
     @torch.no_grad()
     def decode_latents(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -395,6 +402,10 @@ class Engine:
         z = unpatchify_latent(tokens, height // ds, width // ds, p, self.cfg.vae.z_channels)
         vae_dtype = next(self.vae.parameters()).dtype
         return self.vae.decode(z[None].to(self.device, vae_dtype))[0].float()
+
+
+def _rows(mask: torch.Tensor | KeySuffixes, rows: slice) -> torch.Tensor | KeySuffixes:
+    return mask.rows(rows) if isinstance(mask, KeySuffixes) else mask[rows]
 
 
 def _view(slot: KVSlot, rows: slice) -> KVSlot:

@@ -4,7 +4,8 @@ Every block is written at the same slot range for all rows (the write pointer `u
 `valid` mask says which slots hold real tokens of a row. Rows of different lengths therefore need no
 per-row copies; the attention mask hides the gaps. `fork` copies rows (a guidance context that shares
 a prefix with the main one is a fork, computed once); `stack` gathers rows of several caches into one
-batch for a denoising loop; `compact` squeezes the gaps out.
+batch for a denoising loop, each row ending at the same slot, so that every row's keys are one contiguous
+suffix and attention needs no mask; `compact` squeezes the gaps out.
 """
 
 from __future__ import annotations
@@ -120,16 +121,29 @@ class KVCache:
 
     @classmethod
     def stack(cls, rows: list[tuple["KVCache", int]], extra: int = 0) -> "KVCache":
-        """Gather (cache, row) pairs into one compact batch with `extra` free slots after them."""
+        """Gather (cache, row) pairs into one batch with `extra` free slots after them.
+
+        Rows are right-aligned: row b holds its valid slots at [used - length_b, used), so a block
+        written at `used` makes its keys the contiguous suffix from `first_valid()[b]`.
+        """
         lengths = [int(c.valid[r].sum()) for c, r in rows]
         n = max(lengths) if lengths else 0
         out = cls.empty_like(rows[0][0], n + extra, batch=len(rows))
-        for b, (c, r) in enumerate(rows):
+        for b, ((c, r), length) in enumerate(zip(rows, lengths)):
             idx = c.valid[r, :c.used].nonzero().squeeze(1)
-            contiguous = len(idx) == 0 or int(idx[-1]) == len(idx) - 1
+            contiguous = length == 0 or int(idx[-1]) == length - 1
             for src, dst in zip(c.k + c.v, out.k + out.v):
-                dst[b, :, :len(idx)] = src[r, :, :len(idx)] if contiguous else src[r, :, idx]
-            out.valid[b, :len(idx)] = True
+                dst[b, :, n - length:n] = src[r, :, :length] if contiguous else src[r, :, idx]
+            out.valid[b, n - length:n] = True
             out.rope[b] = c.rope[r]
         out.used = n
         return out
+
+    def first_valid(self) -> list[int] | None:
+        """Per row, the first valid slot when each row's valid slots run contiguously up to `used`; else None."""
+        lengths = self.valid[:, :self.used].sum(1)
+        starts = self.used - lengths
+        slot = torch.arange(self.used, device=self.valid.device)[None]
+        if not bool((self.valid[:, :self.used] == (slot >= starts[:, None])).all()):
+            return None
+        return starts.tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -136,14 +137,48 @@ def grid_position_ids(rows: int, cols: int, grid: int, device: torch.device | No
     return (r * grid + c).flatten()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA with grouped K/V heads: q [B, Hq, L, D], k/v [B, Hkv, S, D], mask bool [B, 1, L, S] (True = attend).
+@dataclass(frozen=True)
+class KeySuffixes:
+    """Attention without a mask: rows [a, b) of a batch attend to keys [start:] of their rows.
+
+    A denoising block whose rows are full (no padded queries) against right-aligned caches needs no
+    mask at all, only where each row's keys begin; rows that share a start run as one call. Dense masks
+    keep fused GPU kernels from their fast paths (flash attention takes none).
+    """
+
+    groups: tuple[tuple[int, int, int], ...]  # (first row, last row + 1, first key)
+
+    @classmethod
+    def from_starts(cls, starts: list[int]) -> "KeySuffixes":
+        groups: list[tuple[int, int, int]] = []
+        for row, start in enumerate(starts):
+            if groups and groups[-1][2] == start:
+                groups[-1] = (groups[-1][0], row + 1, start)
+            else:
+                groups.append((row, row + 1, start))
+        return cls(tuple(groups))
+
+    def rows(self, rows: slice) -> "KeySuffixes":
+        """The same spans for the batch rows[start:stop], renumbered from 0."""
+        lo, hi = rows.start or 0, rows.stop
+        return KeySuffixes(tuple((max(a, lo) - lo, min(b, hi) - lo, s) for a, b, s in self.groups
+                                 if max(a, lo) < min(b, hi)))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | KeySuffixes | None) -> torch.Tensor:
+    """SDPA with grouped K/V heads: q [B, Hq, L, D], k/v [B, Hkv, S, D]; mask bool [B, 1, L, S] (True =
+    attend), or KeySuffixes (each group of rows attends to a suffix of its keys, unmasked).
 
     On CPU, `enable_gqa` lets the fused kernel read each K/V head for its whole query group instead of
-    a copy expanded to Hq heads (identical results, faster). Elsewhere K/V are expanded: CUDA's fused
-    kernels do not take masked GQA (flash rejects masks, memory-efficient rejects unequal head counts),
-    so `enable_gqa` would fall back to the unfused math kernel.
+    a copy expanded to Hq heads (identical results, faster). Elsewhere K/V are expanded: on CUDA only
+    the flash kernel takes `enable_gqa`, and cuDNN's (PyTorch's first choice on Hopper) or the
+    memory-efficient kernel need equal head counts, or SDPA falls back to the unfused math kernel.
     """
+    if isinstance(mask, KeySuffixes):
+        if len(mask.groups) == 1 and mask.groups[0][:2] == (0, q.shape[0]):
+            start = mask.groups[0][2]
+            return attention(q, k[:, :, start:], v[:, :, start:], None)
+        return torch.cat([attention(q[a:b], k[a:b, :, s:], v[a:b, :, s:], None) for a, b, s in mask.groups])
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and q.device.type != "cpu":
         k = k.repeat_interleave(groups, dim=1)

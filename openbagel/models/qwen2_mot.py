@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import LLMConfig
-from .layers import RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin
+from .layers import KeySuffixes, RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin
 
 
 @dataclass
@@ -112,7 +112,7 @@ class MoTAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | KeySuffixes | None,
         routing: ExpertRouting,
         kv: KVSlot | None,
     ) -> torch.Tensor:
@@ -172,17 +172,20 @@ class Qwen2MoTModel(nn.Module):
         kv: list[KVSlot] | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         routing: ExpertRouting | None = None,
+        layers: list[nn.Module] | None = None,
     ) -> torch.Tensor:
-        """x [B, L, H] embedded tokens; position_ids [B, L]; mask bool [B, 1, L, S]; returns normed hidden.
+        """x [B, L, H] embedded tokens; position_ids [B, L]; mask bool [B, 1, L, S] (or KeySuffixes);
+        returns normed hidden.
 
-        `rope` (cos, sin) and `routing` may be passed precomputed by callers that reuse them across calls.
+        `rope` (cos, sin) and `routing` may be passed precomputed by callers that reuse them across calls;
+        `layers` replaces self.layers by wrappers of them (torch.compile'd layers, for one).
         """
         if routing is None:
             routing = ExpertRouting.from_mask(gen_mask)
         if rope is None:
             rope = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         cos, sin = rope
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if layers is None else layers):
             slot = kv[i] if kv is not None else None
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, routing, slot, use_reentrant=False)
