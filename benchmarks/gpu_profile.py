@@ -3,6 +3,7 @@
 Usage (random weights built on the card, as benchmarks/gpu_7b.py):
     python benchmarks/gpu_profile.py                      # t2i, 1024², 10 steps, bf16
     python benchmarks/gpu_profile.py --task edit --steps 5
+    python benchmarks/gpu_profile.py --compile            # with the decoder layers compiled
     python benchmarks/gpu_profile.py --config tiny --device cpu --dtype fp32 --side 64 --steps 2   # smoke run
 """
 
@@ -29,14 +30,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=25, help="rows of the table")
+    parser.add_argument("--compile", action="store_true", help="profile with engine.compile_step (compiled in the warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here; pass --device cpu for a smoke run at a small --config and --side")
     on_gpu = device.type == "cuda"
     pipe = random_pipeline_on(bench_config(args.config), device, DTYPES[args.dtype], offload=False)
+    pipe.engine.compile_step = args.compile
     call = task_calls(pipe, args.side, args.steps)[args.task]
-    call()  # warm-up: kernel selection, caches
+    call()  # warm-up: kernel selection, caches, compilation
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         call()

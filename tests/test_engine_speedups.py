@@ -189,6 +189,14 @@ def test_column_span_routing_matches_the_gather_path():
     und, gen = torch.nn.Linear(C, 4), torch.nn.Linear(C, 4)
     x = torch.randn(B, L, C)
     torch.testing.assert_close(span.apply(x, und, gen), gather.apply(x, und, gen), rtol=0, atol=0)
+    # A long block (a real image): the generation expert runs on the whole block, the boundary is overwritten.
+    gen_mask = torch.zeros(B, 130, dtype=torch.bool)
+    gen_mask[:, 1:129] = True
+    x = torch.randn(B, 130, C)
+    torch.testing.assert_close(ExpertRouting.from_mask(gen_mask).apply(x, und, gen),
+                               ExpertRouting.by_index(gen_mask).apply(x, und, gen))  # GEMM blocking: 1 ulp
+    gen_mask = torch.zeros(B, L, dtype=torch.bool)
+    gen_mask[:, 1:6] = True
     # Rows that differ, or a gap in the generation tokens, keep the gather path.
     gen_mask[1, 5] = False
     assert ExpertRouting.from_mask(gen_mask).gen_cols is None

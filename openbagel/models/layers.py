@@ -168,19 +168,31 @@ class KeySuffixes:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | KeySuffixes | None) -> torch.Tensor:
     """SDPA with grouped K/V heads: q [B, Hq, L, D], k/v [B, Hkv, S, D]; mask bool [B, 1, L, S] (True =
     attend), or KeySuffixes (each group of rows attends to a suffix of its keys, unmasked).
-
-    On CPU, `enable_gqa` lets the fused kernel read each K/V head for its whole query group instead of
-    a copy expanded to Hq heads (identical results, faster). Elsewhere K/V are expanded: on CUDA only
-    the flash kernel takes `enable_gqa`, and cuDNN's (PyTorch's first choice on Hopper) or the
-    memory-efficient kernel need equal head counts, or SDPA falls back to the unfused math kernel.
     """
     if isinstance(mask, KeySuffixes):
         if len(mask.groups) == 1 and mask.groups[0][:2] == (0, q.shape[0]):
             start = mask.groups[0][2]
             return attention(q, k[:, :, start:], v[:, :, start:], None)
         return torch.cat([attention(q[a:b], k[a:b, :, s:], v[a:b, :, s:], None) for a, b, s in mask.groups])
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and q.device.type != "cpu":
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    grouped = q.shape[1] != k.shape[1]
+    if grouped and not _fused_gqa(q, masked=mask is not None):
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        grouped = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+
+
+def _fused_gqa(q: torch.Tensor, masked: bool) -> bool:
+    """Whether a fused SDPA kernel reads grouped K/V heads itself (`enable_gqa`) for these inputs.
+
+    On CPU the flash kernel does. On CUDA (measured on an H100, benchmarks/attention_kernels.py): cuDNN,
+    PyTorch's first choice on Hopper, takes grouped heads with or without a mask, 13% faster than K/V
+    expanded to the query heads; flash takes them from sm80 on, but no mask; the memory-efficient kernel
+    never. Anywhere else `enable_gqa` would fall back to the unfused math kernel, so K/V are expanded.
+    """
+    if q.device.type == "cpu":
+        return True
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    major, _ = torch.cuda.get_device_capability(q.device)
+    return major >= 9 or (major >= 8 and not masked)
