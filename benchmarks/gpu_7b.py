@@ -3,13 +3,15 @@
 Usage (random weights built directly on the device, no checkpoint on disk; one process per variant):
     python benchmarks/gpu_7b.py                                  # bagel-7b-mot, bf16, 1024², 50 steps
     python benchmarks/gpu_7b.py --compile --repeat 1             # ... and with the decoder layers compiled
-    python benchmarks/gpu_7b.py --quantize torchao-int8          # or torchao-int4, bnb-int8, bnb-nf4
+    python benchmarks/gpu_7b.py --quantize torchao-int8          # or torchao-int4, torchao-fp8, bnb-int8, bnb-nf4
     python benchmarks/gpu_7b.py --offload                        # decoder layers streamed from CPU memory
     python benchmarks/gpu_7b.py --config wide --device cpu --dtype fp32 --side 64 --steps 3   # smoke run
 For each task it reports the median seconds per image (after one warm-up call; with --compile, again
 with the decoder layers compiled, after a call that compiles them), the peak accelerator
-memory (CUDA: max_memory_allocated; CPU: the process's resident high-water mark), the FLOPs of one whole
-call as `torch.utils.flop_counter` counts them (prefill, denoising, VAE), and MFU = FLOPs / seconds / peak,
+memory (CUDA: max_memory_allocated; CPU: the process's resident high-water mark), the PSNR of its image
+against the eager unquantised one (same seed: what compile or quantisation changes), the FLOPs of one whole
+call as `torch.utils.flop_counter` counts them (prefill, denoising, VAE; with --quantize, counted before
+quantising: the same work in the unquantised dtype), and MFU = FLOPs / seconds / peak,
 where the peak is the card's dense bf16 figure (`--peak-tflops`, known for H100 / H200 / A100) or, on
 CPU, the fp32 matmul peak measured in the same run. Issue 8's bar: 1024² text-to-image in <= 8 s on an H100.
 """
@@ -17,12 +19,16 @@ CPU, the fp32 matmul peak measured in the same run. Issue 8's bar: 1024² text-t
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +40,7 @@ from openbagel.checkpoint import LoadedCheckpoint, init_random  # noqa: E402
 from openbagel.inference.offload import offload_layers  # noqa: E402
 from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
 from openbagel.inference.quantize import MODES, quantize  # noqa: E402
+from openbagel.models import layers  # noqa: E402
 from openbagel.models.bagel import Bagel  # noqa: E402
 from openbagel.models.vae import AutoEncoder  # noqa: E402
 
@@ -43,13 +50,16 @@ DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 3
 
 
 def random_pipeline_on(cfg, device: torch.device, dtype: torch.dtype, offload: bool) -> BagelPipeline:
-    """A randomly initialised model built in place (meta, then empty storage on the device, then init)."""
-    build_on = torch.device("cpu") if offload else device
+    """A randomly initialised model built in place (meta, then empty storage on the device, then init).
+
+    With `offload` the layers move to CPU memory after the build (drawing 14.6 B random numbers on the
+    GPU takes seconds, on the CPU over a minute); memory is measured after the build either way.
+    """
     with torch.device("meta"):
         model, vae = Bagel(cfg).to(dtype), AutoEncoder(cfg.vae)
-    model.to_empty(device=build_on)
+    model.to_empty(device=device)
     vae.to_empty(device=device)
-    gen = torch.Generator(build_on).manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     init_random(model, generator=gen)
     with torch.no_grad():
         for module in vae.modules():
@@ -59,6 +69,8 @@ def random_pipeline_on(cfg, device: torch.device, dtype: torch.dtype, offload: b
         p.requires_grad_(False)
     if offload:
         offload_layers(model, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     pipe = BagelPipeline(LoadedCheckpoint(cfg, model.eval(), vae.eval(), bench_tokenizer(cfg), Path(".")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -71,6 +83,21 @@ def task_calls(pipe: BagelPipeline, side: int, steps: int) -> dict[str, Callable
         "t2i": lambda: pipe.generate(PROMPT_T2I, height=side, width=side, **settings),
         "edit": lambda: pipe.edit(test_image(side), PROMPT_EDIT, **settings),
     }
+
+
+def counted_call(call: Callable[[], object]) -> tuple[int, object]:
+    """One call's FLOPs as FlopCounterMode counts them, and its output. The counter's SDPA formulas need
+    equal query and K/V head counts, so K/V are expanded while counting (timed calls read grouped heads
+    where a kernel can)."""
+    with mock.patch.object(layers, "_fused_gqa", lambda q, masked: False), FlopCounterMode(display=False) as counter:
+        out = call()
+    return counter.get_total_flops(), out
+
+
+def psnr_db(a: Image.Image, b: Image.Image) -> float:
+    """PSNR of image a against image b (uint8 pixels); inf when identical."""
+    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else round(10 * math.log10(255 ** 2 / mse), 2)
 
 
 def card_peak_tflops(device: torch.device) -> float | None:
@@ -107,9 +134,19 @@ def main() -> None:
 
     start = time.perf_counter()
     pipe = random_pipeline_on(bench_config(args.config), device, DTYPES[args.dtype], args.offload)
-    if args.quantize:
-        quantize(pipe.engine.model, args.quantize)
     build_s = time.perf_counter() - start
+    calls = task_calls(pipe, args.side, args.steps)
+    tasks = args.tasks.split(",")
+    flops: dict[str, int] = {}
+    reference: dict[str, Image.Image] = {}  # the eager, unquantised image each variant is compared with
+    quantize_s = None
+    if args.quantize:  # FlopCounterMode does not see quantised kernels: count the same work before quantising
+        for task in tasks:
+            flops[task], out = counted_call(calls[task])
+            reference[task] = out.images[0]
+        start = time.perf_counter()
+        quantize(pipe.engine.model, args.quantize)
+        quantize_s = round(time.perf_counter() - start, 1)
     card_peak = card_peak_tflops(device)
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops, "--peak-tflops"
@@ -125,12 +162,13 @@ def main() -> None:
         return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / GiB
 
     rows = []
-    calls = task_calls(pipe, args.side, args.steps)
-    for task in args.tasks.split(","):
+    for task in tasks:
         call = calls[task]
-        with FlopCounterMode(display=False) as counter:  # the eager warm-up call, counted
-            call()
-        flops = counter.get_total_flops()
+        if task in flops:
+            call()  # the eager warm-up call
+        else:
+            flops[task], out = counted_call(call)  # the eager warm-up call, counted
+            reference[task] = out.images[0]
         for compiled in [False, True] if args.compile else [False]:
             pipe.engine.compile_step = compiled
             start = time.perf_counter()
@@ -138,20 +176,23 @@ def main() -> None:
                 call()  # compiles the decoder layer (regional compilation) for this task's shapes
             compile_s = time.perf_counter() - start if compiled else None
             reset_memory()
-            timing = measure(call, args.repeat, warmup=0)
-            achieved = flops / timing["median_s"] / 1e12
+            last: list = []
+            timing = measure(lambda: last.append(call()), args.repeat, warmup=0)
+            achieved = flops[task] / timing["median_s"] / 1e12
             rows.append({"task": task, "step": "compiled" if compiled else "eager", "side": args.side,
                          "steps": args.steps, "seconds": timing["median_s"], "peak_memory_gib": round(peak_memory(), 2),
-                         "flop": flops, "tflop": round(flops / 1e12, 2), "tflops": round(achieved, 1),
+                         "flop": flops[task], "tflop": round(flops[task] / 1e12, 2), "tflops": round(achieved, 1),
                          "mfu": round(achieved / peak, 3), "compile_s": compile_s and round(compile_s, 1),
+                         "psnr_db": psnr_db(last[-1].images[0], reference[task]),
                          "timing": timing})
             print({k: v for k, v in rows[-1].items() if k != "timing"}, flush=True)  # survives a time-out
     variant = args.quantize or ("offload" if args.offload else args.dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report(rows, ["task", "step", "side", "steps", "seconds", "peak_memory_gib", "tflop", "tflops", "mfu", "compile_s"],
+    report(rows, ["task", "step", "side", "steps", "seconds", "peak_memory_gib", "tflop", "tflops", "mfu", "compile_s",
+                  "psnr_db"],
            args.out,
            {"benchmark": "gpu_7b", "config": args.config, "variant": variant, "device": device_name,
-            "peak_tflops": round(peak, 2), "peak_source": peak_source, "build_s": round(build_s, 1),
+            "peak_tflops": round(peak, 2), "peak_source": peak_source, "build_s": round(build_s, 1), "quantize_s": quantize_s,
             **environment(args.threads)})
 
 

@@ -51,7 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(for GPUs too small for the model; slower)")
     g.add_argument("--quantize", default=None, metavar="MODE",
                    help="quantise the language model's weights while loading: int8 (any device), torchao-int8, "
-                        "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes)")
+                        "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes), torchao-fp8 "
+                        "(fp8 weights and activations: faster on Ada / Hopper GPUs)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, *, image: bool = True, edit: bool = False) -> None:

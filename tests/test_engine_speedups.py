@@ -119,13 +119,17 @@ def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint):
     assert any(isinstance(m, Int8Linear) for m in loaded.engine.model.modules())
     with pytest.raises(ValueError, match="unknown quantisation mode 'int3'"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int3")
+    with pytest.raises(ValueError, match="torchao-fp8 needs a CUDA GPU of compute capability 8.9"):
+        BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="torchao-fp8")
+    with pytest.raises(ValueError, match="torchao-fp8 needs a CUDA GPU"):
+        quantize(after.engine.model, "torchao-fp8")
     with pytest.raises(ValueError, match="do not combine"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", offload=True)
 
 
 @pytest.mark.slow
 def test_compiled_layers_match(tiny_pipeline):
-    """Regional compilation: every decoder layer compiled on its own, one shared graph, same latents."""
+    """Regional compilation: the layers share the compiled graphs of their halves around attention; same latents."""
     jobs = _jobs(tiny_pipeline, "edit", steps=3)
     plain = _generate(tiny_pipeline, jobs)
     torch._dynamo.reset()
@@ -135,7 +139,9 @@ def test_compiled_layers_match(tiny_pipeline):
     assert _rel(compiled, plain) < 1e-5
     n_layers = len(tiny_pipeline.engine.model.language_model.model.layers)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert n_layers > 1 and 1 <= graphs < n_layers, (graphs, n_layers)
+    # Both denoising steps run the same block (three guidance rows): one graph per half around attention,
+    # shared by every layer.
+    assert n_layers > 1 and graphs == 2, (graphs, n_layers)
 
 
 def test_key_suffixes_equal_the_masked_attention():

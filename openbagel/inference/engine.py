@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..models.bagel import Bagel
 from ..models.layers import KeySuffixes, rope_cos_sin
@@ -80,7 +81,7 @@ class Engine:
         self.bos_id, self.eos_id = bos_id, eos_id
         self.soi_id, self.eoi_id = start_of_image_id, end_of_image_id
         # Denoising options (see docs/performance.md). `batch_guidance=False` runs the guidance branches
-        # one forward each (for benchmarks); `compile_step` compiles the decoder layers of the denoising forward;
+        # one forward each (for benchmarks); `compile_step` compiles the decoder layers' work around attention;
         # `step_cache` reuses velocities between full forwards (opt-in, approximate).
         self.batch_guidance = True
         self.compile_step = False
@@ -378,16 +379,12 @@ class Engine:
         return xs
 
     def _step_fn(self) -> Callable[..., torch.Tensor]:
-        """The denoising forward of a block of rows against their caches.
-
-        With `compile_step`, each decoder layer is torch.compile'd on its own (regional compilation): the
-        layers share one compiled graph, so compiling costs one layer's time, not the whole stack's.
-        """
+        """The denoising forward of a block of rows against their caches (optionally compiled)."""
         lm = self.model.language_model.model
         layers = None
         if self.compile_step:
             if self._compiled_layers is None:
-                self._compiled_layers = [torch.compile(layer, dynamic=None) for layer in lm.layers]
+                self._compiled_layers = [CompiledLayer(layer) for layer in lm.layers]
             layers = self._compiled_layers
 
         def step(x, mask, kv, cos, sin, routing):
@@ -402,6 +399,24 @@ class Engine:
         z = unpatchify_latent(tokens, height // ds, width // ds, p, self.cfg.vae.z_channels)
         vae_dtype = next(self.vae.parameters()).dtype
         return self.vae.decode(z[None].to(self.device, vae_dtype))[0].float()
+
+
+class CompiledLayer:
+    """A decoder layer whose halves around attention are torch.compile'd with static shapes.
+
+    Regional compilation: all layers share the two compiled graphs (one per block shape: rows x tokens),
+    so compiling costs about one layer's time. Attention and the KV-cache write stay eager: their key
+    length changes with every prompt, which would otherwise recompile or force slower dynamic-shape code.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.before = torch.compile(layer.before_attention, dynamic=False)
+        self.after = torch.compile(layer.after_attention, dynamic=False)
+
+    def __call__(self, x, cos, sin, mask, routing: ExpertRouting, kv: KVSlot | None) -> torch.Tensor:
+        q, k, v = self.before(x, cos, sin, routing)
+        return self.after(x, self.layer.self_attn.attend(q, k, v, mask, kv), routing)
 
 
 def _rows(mask: torch.Tensor | KeySuffixes, rows: slice) -> torch.Tensor | KeySuffixes:

@@ -91,14 +91,14 @@ class BagelPipeline:
 
         `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
         (`inference/offload.py`): for GPUs that cannot hold the whole model. `quantize` (a mode of
-        `inference/quantize.py`: int8, torchao-int8, torchao-int4, bnb-int8, bnb-nf4) loads the weights
+        `inference/quantize.py`: int8, torchao-int8, torchao-int4, torchao-fp8, bnb-int8, bnb-nf4) loads the weights
         into CPU memory and quantises the language model layer by layer on its way to `device`.
         """
         device = torch.device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
         path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
         if quantize is not None:
-            check_quantize_mode(quantize)  # before minutes of loading
+            check_quantize_mode(quantize, device)  # before minutes of loading
         if quantize and offload:
             raise ValueError("quantize and offload do not combine: pick one (quantize shrinks the weights, "
                              "offload streams them from CPU memory)")

@@ -10,6 +10,7 @@ The module is single-device and pure: parallelism, compile and quantisation are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,30 +116,27 @@ class MoTAttention(nn.Module):
 
         return project
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | KeySuffixes | None,
-        routing: ExpertRouting,
-        kv: KVSlot | None,
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                routing: ExpertRouting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values of x [B, L, H] by each token's expert, RoPE applied: [B, heads, L, D]."""
         B, L, _ = x.shape
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = routing.apply(x, self._qkv(""), self._qkv("_moe_gen"))
         q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, L, Hq, D).transpose(1, 2), cos, sin)  # [B, Hq, L, D]
-        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, L, D]
-        v = v.view(B, L, Hkv, D).transpose(1, 2)
+        q = apply_rope(q.view(B, L, Hq, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), cos, sin)
+        return q, k, v.view(B, L, Hkv, D).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | KeySuffixes | None,
+               kv: KVSlot | None) -> torch.Tensor:
+        """Attention of the block over the cache (written into it first) and itself: [B, L, Hq * D]."""
+        B, _, L, _ = q.shape
         if kv is not None:
-            # Write this block's keys/values after the cached ones, attend over cache + block.
             end = kv.start + L
             kv.k[:, :, kv.start:end] = k
             kv.v[:, :, kv.start:end] = v
             k, v = kv.k[:, :, :end], kv.v[:, :, :end]
-        out = attention(q, k, v, mask).transpose(1, 2).reshape(B, L, Hq * D)
-        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
+        return attention(q, k, v, mask).transpose(1, 2).reshape(B, L, -1)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -153,8 +151,17 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, routing: ExpertRouting, kv: KVSlot | None) -> torch.Tensor:
+        q, k, v = self.before_attention(x, cos, sin, routing)
+        return self.after_attention(x, self.self_attn.attend(q, k, v, mask, kv), routing)
+
+    # The halves around attention: their shapes depend on the block only, not on the cache length, so
+    # they compile to static graphs (inference/engine.py) while attention stays eager.
+    def before_attention(self, x, cos, sin, routing: ExpertRouting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(h, cos, sin, mask, routing, kv)
+        return self.self_attn.project(h, cos, sin, routing)
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+        x = x + routing.apply(attn, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen)
         h = routing.apply(x, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
         return x + routing.apply(h, self.mlp, self.mlp_moe_gen)
 
@@ -180,13 +187,13 @@ class Qwen2MoTModel(nn.Module):
         kv: list[KVSlot] | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         routing: ExpertRouting | None = None,
-        layers: list[nn.Module] | None = None,
+        layers: list[Callable[..., torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """x [B, L, H] embedded tokens; position_ids [B, L]; mask bool [B, 1, L, S] (or KeySuffixes);
         returns normed hidden.
 
         `rope` (cos, sin) and `routing` may be passed precomputed by callers that reuse them across calls;
-        `layers` replaces self.layers by wrappers of them (torch.compile'd layers, for one).
+        `layers` replaces self.layers by wrappers of them (inference.engine.CompiledLayer, for one).
         """
         if routing is None:
             routing = ExpertRouting.from_mask(gen_mask)
