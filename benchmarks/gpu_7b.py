@@ -164,6 +164,9 @@ def main() -> None:
     rows = []
     for task in tasks:
         call = calls[task]
+        # The warm-up runs eager: a compiled region first entered under FlopCounterMode (a dispatch mode) stays
+        # eager afterwards, so an earlier task's compiled variant must not leak into this count.
+        pipe.engine.compile_step = False
         if task in flops:
             call()  # the eager warm-up call
         else:
