@@ -53,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantise the language model's weights while loading: int8 (any device), torchao-int8, "
                         "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes), torchao-fp8 "
                         "(fp8 weights and activations: faster on Ada / Hopper GPUs)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers for denoising: the first image compiles for 10-35 s, "
+                        "later ones are faster (7B 1024² on an H100: 12.2 -> 10.0 s); for `serve`, `app`, `batch`")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, *, image: bool = True, edit: bool = False) -> None:
@@ -95,8 +98,10 @@ def load_pipeline(args: argparse.Namespace):
         raise CheckpointError(f"the embedded model is not in this install ({EMBEDDED_MODEL}); "
                               "pass --model with a checkpoint folder or a hub id")
     print(f"loading {args.model or 'the embedded model'} ...", file=sys.stderr)
-    return BagelPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
+    pipe = BagelPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
                                          quantize=args.quantize)
+    pipe.engine.compile_step = args.compile
+    return pipe
 
 
 def _open(path: str, name: str):

@@ -69,6 +69,12 @@ def test_generate_edit_understand(tmp_path, tiny_checkpoint, capsys):
     assert code == 0 and stdout.strip()
 
 
+def test_compile_flag_turns_on_the_compiled_denoising_step(tiny_checkpoint):
+    for flags, expected in [([], False), (["--compile"], True)]:
+        args = cli.build_parser().parse_args(["generate", "x", "--model", str(tiny_checkpoint), "--device", "cpu", *flags])
+        assert cli.load_pipeline(args).engine.compile_step is expected
+
+
 def test_chat_reads_piped_stdin(monkeypatch, shared_pipeline, scene, tmp_path, capsys):
     out, saved = tmp_path / "chat", tmp_path / "saved"
     lines = ["make it red", "", "add a square", "/undo", "/bogus", f"/save {saved}", "make it green", "/quit",
