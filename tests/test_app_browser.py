@@ -2,7 +2,8 @@
 
 Starts `openbagel app` in a subprocess on a free localhost port, types a prompt, clicks Generate and
 waits for the image; then runs an example through Edit, Understand and Chat, and saves a screenshot of
-each tab to docs/. Install the browser with `.ci/install-browser.sh`.
+each tab (to a temporary folder; `OPENBAGEL_SCREENSHOTS=docs make test` refreshes the ones in docs/).
+Install the browser with `.ci/install-browser.sh`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ import pytest
 from test_server import stop
 
 CHROMIUM = Path("/usr/bin/chromium")
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="no browser: /usr/bin/chromium is missing (run .ci/install-browser.sh)")
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where the screenshots go: $OPENBAGEL_SCREENSHOTS when set, else a temporary folder (a test run
+    leaves the tracked docs/ images alone)."""
+    target = os.environ.get("OPENBAGEL_SCREENSHOTS")
+    path = Path(target) if target else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,21 +95,21 @@ def page(app_url):
         browser.close()
 
 
-def test_generate_in_the_browser(page):
+def test_generate_in_the_browser(page, shots):
     page.get_by_role("tab", name="Generate").click()
     page.locator("#generate-prompt textarea").fill("a red circle left of a blue square")
     page.locator("#generate-button").click()
     image = page.locator("#generate-image img")
     image.wait_for(state="visible")
     assert "gradio_api/file=" in image.get_attribute("src")
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "app-generate.png"), full_page=True)
+    page.screenshot(path=str(shots / "app-generate.png"), full_page=True)
+    assert (shots / "app-generate.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("tab, button, output", [("Edit", "Edit", "#edit-image img"),
                                                  ("Understand", "Ask", "#understand-answer textarea"),
                                                  ("Chat", "Send", "#chat-image img")])
-def test_examples_run_in_each_tab(page, tab, button, output):
+def test_examples_run_in_each_tab(page, shots, tab, button, output):
     page.get_by_role("tab", name=tab).click()
     panel = page.get_by_role("tabpanel")
     panel.locator("[data-testid='dataset-cell-0-0']").click()  # the first example fills the inputs
@@ -112,4 +122,4 @@ def test_examples_run_in_each_tab(page, tab, button, output):
     # The answer streams in: the docs screenshot waits for the whole of it (Gradio marks a streaming output
     # block `.generating` until the event ends).
     page.wait_for_function("() => document.querySelector('.generating') === null")
-    page.screenshot(path=str(DOCS / f"app-{tab.lower()}.png"), full_page=True)
+    page.screenshot(path=str(shots / f"app-{tab.lower()}.png"), full_page=True)
