@@ -23,8 +23,8 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ def main() -> None:
             pipe.engine.compile_step = compiled
             start = time.perf_counter()
             if compiled:
-                call()  # compiles the decoder layer (regional compilation) for this task's shapes
+                call()  # compiles the layers' halves around attention (shared by all layers) for this task's shapes
             compile_s = time.perf_counter() - start if compiled else None
             reset_memory()
             last: list = []
