@@ -182,6 +182,23 @@ def test_mask_free_denoising_equals_the_masked_path(tiny_pipeline, task, monkeyp
     assert _rel(mask_free, masked) < 1e-5
 
 
+def test_many_short_contexts_attend_under_one_mask(tiny_pipeline, monkeypatch):
+    """A batch of edits with prompts of different lengths and small images: one masked call per layer,
+    not one unmasked call per context length."""
+    from openbagel.inference.pipeline import Request
+    from openbagel.models import qwen2_mot
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    texts = ["make it blue", "remove the red circle", "move the triangle to the left", "make the square green"]
+    seen: list[object] = []
+    real = qwen2_mot.attention
+    monkeypatch.setattr(qwen2_mot, "attention", lambda q, k, v, mask: seen.append(mask) or real(q, k, v, mask))
+    tiny_pipeline.run([Request(task="edit", text=t, image=image, seed=0, settings={"num_inference_steps": 3})
+                       for t in texts])
+    denoising = [m for m in seen if isinstance(m, torch.Tensor) and m.shape[0] == 3 * len(texts)]
+    assert denoising, "the denoising loop ran its rows under one dense mask"
+
+
 def test_column_span_routing_matches_the_gather_path():
     """A denoising block (boundary, latents, boundary in every row) routes by slices; same result as gathers."""
     from openbagel.models.qwen2_mot import ExpertRouting

@@ -25,6 +25,7 @@ from .sampler import FlowParams, cfg_active, cfg_combine, euler_step, timesteps
 from .step_cache import StepCacheConfig
 
 Row = tuple[KVCache, int]
+MAX_UNMASKED_GROUPS = 4  # see generate_images: more groups of short blocks attend under one mask instead
 
 
 @dataclass(frozen=True)
@@ -312,9 +313,15 @@ class Engine:
         R = cache.batch
         row_counts = [counts[k] for k in row_job]
         n = torch.tensor([c + 2 for c in row_counts], device=self.device)
-        # Full blocks against right-aligned caches attend without a mask (see KeySuffixes).
+        # Full blocks against right-aligned caches attend without a mask, one call per group of rows that
+        # share a context length (see KeySuffixes). That pays for few groups or long blocks; a batch of many
+        # different prompts with small images runs faster as one masked call (16 edits at 64² on CPU: 5%).
         starts = cache.first_valid() if len(set(row_counts)) == 1 else None
-        mask = KeySuffixes.from_starts(starts) if starts is not None else self._block_mask(cache, n, L, causal=False)
+        spans = KeySuffixes.from_starts(starts) if starts is not None else None
+        if spans is not None and (len(spans.groups) <= MAX_UNMASKED_GROUPS or L >= 1024):
+            mask: torch.Tensor | KeySuffixes = spans
+        else:
+            mask = self._block_mask(cache, n, L, causal=False)
         positions = cache.rope[:, None].expand(R, L)
         cos, sin = rope_cos_sin(positions, self.cfg.llm.head_dim, self.cfg.llm.rope_theta, self.dtype)
         gen_mask = self._image_gen_mask(row_counts, L)
