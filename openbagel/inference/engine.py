@@ -325,8 +325,6 @@ class Engine:
         positions = cache.rope[:, None].expand(R, L)
         cos, sin = rope_cos_sin(positions, self.cfg.llm.head_dim, self.cfg.llm.rope_theta, self.dtype)
         gen_mask = self._image_gen_mask(row_counts, L)
-        routing_all = ExpertRouting.from_mask(gen_mask)
-        routing_cond = ExpertRouting.from_mask(gen_mask[:n_cond])
         soi, eoi = self.model.embed_text(torch.tensor([self.soi_id, self.eoi_id], device=self.device))
         pos_emb = [self.model.latent_pos_embed(self.model.latent_grid_ids(j.height // ds, j.width // ds, self.device))
                    for j in jobs]
@@ -335,7 +333,15 @@ class Engine:
             block[k, 0], block[k, c + 1] = soi, eoi
         row_index = torch.tensor(row_job, device=self.device)
         slots = cache.slots()
-        row_routing = [ExpertRouting.from_mask(gen_mask[r:r + 1]) for r in range(R)] if not self.batch_guidance else []
+
+        def forwards(rows: int) -> list[tuple[slice, torch.Tensor | KeySuffixes, list[KVSlot], torch.Tensor, torch.Tensor,
+                                              ExpertRouting]]:
+            """The forwards of a step over rows [0, rows) with their fixed inputs: one batched call, or one a row."""
+            parts = [slice(0, rows)] if self.batch_guidance else [slice(r, r + 1) for r in range(rows)]
+            return [(s, _rows(mask, s), [_view(sl, s) for sl in slots], cos[s], sin[s], ExpertRouting.from_mask(gen_mask[s]))
+                    for s in parts]
+
+        plans = {R: forwards(R), n_cond: forwards(n_cond)}  # guided steps run every row, the others the jobs'
         step_fn = self._step_fn()
         reuse = self.step_cache.start(steps - 1) if self.step_cache is not None else None
 
@@ -354,12 +360,8 @@ class Engine:
             v_rows = reuse.predict(i, t, r_now, block) if reuse is not None else None
             if v_rows is None:
                 h_in = block if r_now == len(jobs) else block[row_index[:r_now]]
-                if self.batch_guidance:
-                    plan = [(slice(0, r_now), routing_all if any_cfg else routing_cond)]
-                else:
-                    plan = [(slice(r, r + 1), row_routing[r]) for r in range(r_now)]
-                hidden = torch.cat([step_fn(h_in[s], _rows(mask, s), [_view(sl, s) for sl in slots], cos[s], sin[s], routing)
-                                    for s, routing in plan])
+                hidden = torch.cat([step_fn(h_in[s], rows_mask, kv, cos_s, sin_s, routing)
+                                    for s, rows_mask, kv, cos_s, sin_s, routing in plans[r_now]])
                 v_rows = self.model.llm2vae(hidden).float()
                 if reuse is not None:
                     reuse.update(t, v_rows)
