@@ -4,6 +4,7 @@ Usage (random weights built directly on the device, no checkpoint on disk; one p
     python benchmarks/gpu_7b.py                                  # bagel-7b-mot, bf16, 1024², 50 steps
     python benchmarks/gpu_7b.py --compile --repeat 1             # ... and with the decoder layers compiled
     python benchmarks/gpu_7b.py --quantize torchao-int8          # or torchao-int4, torchao-fp8, bnb-int8, bnb-nf4
+    python benchmarks/gpu_7b.py --quantize torchao-fp8 --compile --compiled-only --tasks t2i
     python benchmarks/gpu_7b.py --offload                        # decoder layers streamed from CPU memory
     python benchmarks/gpu_7b.py --config wide --device cpu --dtype fp32 --side 64 --steps 3   # smoke run
 For each task it reports the median seconds per image (after one warm-up call; with --compile, again
@@ -110,6 +111,11 @@ def card_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def stage(message: str, since: float) -> None:
+    """A progress line on stderr, so a run cut short by a time box still tells where its time went."""
+    print(f"[{time.perf_counter() - since:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="bagel-7b-mot", help="a preset or benchmarks/common.py config")
@@ -123,6 +129,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="t2i,edit", help="comma-separated: t2i, edit")
     parser.add_argument("--compile", action="store_true",
                         help="time each task again with engine.compile_step (its first call compiles: compile_s)")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="with --compile: time only the compiled variant (saves device time)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense peak (default: known cards)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU smoke runs)")
     parser.add_argument("--out", default="benchmarks/gpu_7b.json")
@@ -132,9 +140,10 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here; pass --device cpu for a smoke run at a small --config and --side")
 
-    start = time.perf_counter()
+    start = t0 = time.perf_counter()
     pipe = random_pipeline_on(bench_config(args.config), device, DTYPES[args.dtype], args.offload)
     build_s = time.perf_counter() - start
+    stage(f"built {args.config} on {device}", t0)
     calls = task_calls(pipe, args.side, args.steps)
     tasks = args.tasks.split(",")
     flops: dict[str, int] = {}
@@ -144,9 +153,11 @@ def main() -> None:
         for task in tasks:
             flops[task], out = counted_call(calls[task])
             reference[task] = out.images[0]
+            stage(f"{task}: counted the unquantised call", t0)
         start = time.perf_counter()
         quantize(pipe.engine.model, args.quantize)
         quantize_s = round(time.perf_counter() - start, 1)
+        stage(f"quantised ({args.quantize})", t0)
     card_peak = card_peak_tflops(device)
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops, "--peak-tflops"
@@ -168,18 +179,21 @@ def main() -> None:
         # eager afterwards, so an earlier task's compiled variant must not leak into this count.
         pipe.engine.compile_step = False
         if task in flops:
-            call()  # the eager warm-up call
+            if not args.compiled_only:
+                call()  # the eager warm-up call
         else:
             flops[task], out = counted_call(call)  # the eager warm-up call, counted
             reference[task] = out.images[0]
-        for compiled in [False, True] if args.compile else [False]:
+        for compiled in ([True] if args.compiled_only else [False, True]) if args.compile else [False]:
             pipe.engine.compile_step = compiled
             start = time.perf_counter()
             if compiled:
+                stage(f"{task}: compiling", t0)
                 call()  # compiles the layers' halves around attention (shared by all layers) for this task's shapes
             compile_s = time.perf_counter() - start if compiled else None
             reset_memory()
             last: list = []
+            stage(f"{task}: timing {'compiled' if compiled else 'eager'}", t0)
             timing = measure(lambda: last.append(call()), args.repeat, warmup=0)
             achieved = flops[task] / timing["median_s"] / 1e12
             rows.append({"task": task, "step": "compiled" if compiled else "eager", "side": args.side,

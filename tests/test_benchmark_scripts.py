@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from openbagel.train.recipes import get_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,7 @@ def test_data_workers_benchmark_runs(tmp_path):
            "--head-start", "0", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads(out.read_text())
-    assert report["rows_per_batch"] == 32 and report["vae_images_per_batch"] > 0
+    assert report["rows_per_batch"] == get_recipe("shapes-tiny-gpu").packing.rows_per_batch
+    assert report["vae_images_per_batch"] > 0
     assert [r["what"].split(",")[0] for r in report["rows"]] == ["pack one batch (one process)", "receive", "receive"]
     assert all(r["seconds"] > 0 for r in report["rows"])

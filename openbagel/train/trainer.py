@@ -86,6 +86,7 @@ class TrainConfig:
     freeze_und: bool = False  # train only the generation expert and gen-side modules
     activation_checkpointing: bool = False
     mixed_precision: str | None = None  # "bfloat16": FSDP2 MixedPrecisionPolicy, or autocast in one process
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later)
     vae_sample: bool = True  # sample the VAE posterior (official) rather than take its mean
     seed: int = 4396
     device: str = "auto"
@@ -165,6 +166,8 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.world: World = init_distributed(cfg.device)
         dev = self.world.device
+        if dev.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + self.world.rank)
