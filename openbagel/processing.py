@@ -65,14 +65,17 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def patchify_image(x: torch.Tensor, p: int) -> torch.Tensor:
-    """[C, H, W] -> [(H/p)*(W/p), p*p*C] rows in (row-in-patch, col-in-patch, channel) order."""
-    C, H, W = x.shape
-    x = x.reshape(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0)  # [h, w, p, p, C]
-    return x.reshape((H // p) * (W // p), p * p * C)
+    """[..., C, H, W] -> [..., (H/p)*(W/p), p*p*C] rows in (row-in-patch, col-in-patch, channel) order;
+    leading dims (a stack of same-size images) cost no extra operations."""
+    *lead, C, H, W = x.shape
+    n = len(lead)
+    x = x.reshape(*lead, C, H // p, p, W // p, p)
+    x = x.permute(*range(n), n + 1, n + 3, n + 2, n + 4, n)  # [..., h, w, p, p, C]
+    return x.reshape(*lead, (H // p) * (W // p), p * p * C)
 
 
 def patchify_latent(z: torch.Tensor, p: int) -> torch.Tensor:
-    """Latent [C, 2h, 2w] -> tokens [h*w, p*p*C] in (dy, dx, channel) order (same layout as the ViT)."""
+    """Latent [..., C, 2h, 2w] -> tokens [..., h*w, p*p*C] in (dy, dx, channel) order (same layout as the ViT)."""
     return patchify_image(z, p)
 
 

@@ -178,6 +178,21 @@ def test_encode_latents_batches_by_size_and_keeps_the_order(tmp_path, tokenizer_
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
+def test_a_batch_moves_its_vae_images_as_one_flat_copy(tmp_path, tokenizer_dir):
+    """Hundreds of small VAE images reach the GPU in one transfer (views of one flat tensor), not one each."""
+    from openbagel.data.batch import _to_device_at_once
+
+    batch = Trainer(small(tokenizer_dir), tmp_path).packer.next_batch()
+    assert len(batch.vae_images) > 1
+    stay = batch.to("cpu")
+    assert all(a is b for a, b in zip(stay.vae_images, batch.vae_images))  # already there: no copy
+    moved = _to_device_at_once(batch.vae_images, "cpu")
+    assert len({m.untyped_storage().data_ptr() for m in moved}) == 1
+    assert all(torch.equal(a, b) for a, b in zip(moved, batch.vae_images))
+    meta = batch.to("meta").vae_images
+    assert [m.shape for m in meta] == [i.shape for i in batch.vae_images] and meta[0].is_meta
+
+
 def test_time_limit_stops_saves_and_exports(tmp_path, tokenizer_dir):
     """A run out of time ends at a step boundary with a checkpoint and the export, as a finished run does;
     `--resume` then carries on from that step."""

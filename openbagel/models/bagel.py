@@ -141,7 +141,7 @@ class Bagel(nn.Module):
         tokens: dict[int, torch.Tensor] = {}
         for indices in by_size.values():
             z = vae.encode(torch.stack([images[i] for i in indices]).to(dtype), sample=sample, generator=generator)
-            tokens.update((i, patchify_latent(one, self.cfg.latent_patch_size)) for i, one in zip(indices, z))
+            tokens.update(zip(indices, patchify_latent(z, self.cfg.latent_patch_size).unbind(0)))  # views
         return torch.cat([tokens[i] for i in range(len(images))]).to(self.vae2llm.weight.dtype)
 
     # ----- training ------------------------------------------------------------------------------
