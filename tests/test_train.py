@@ -199,6 +199,7 @@ def test_time_limit_stops_saves_and_exports(tmp_path, tokenizer_dir):
     t = Trainer(small(tokenizer_dir, steps=1000, time_limit_s=1e-9, export_ema=True), tmp_path)
     history = t.train()
     assert len(history) == 1 and t.step == 1
+    assert 0 < history[0].data_seconds < history[0].seconds  # packing (in process here) is part of the step
     assert checkpointing.latest_checkpoint(t.ckpt_root).name == "step_0000001"
     assert load_checkpoint(tmp_path / "export").model is not None
     assert Trainer(small(tokenizer_dir, steps=1000), tmp_path, resume=True).step == 1

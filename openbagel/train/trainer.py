@@ -123,6 +123,7 @@ class StepStats:
     lr: float
     tokens: int  # real (non-pad) tokens of the global batch
     seconds: float
+    data_seconds: float  # of `seconds`, waiting for the packed batches (the rest is the device's step)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -266,6 +267,7 @@ class Trainer:
         cfg, dev = self.cfg, self.world.device
         start = time.perf_counter()
         batches = [self.packer.next_batch() for _ in range(cfg.grad_accum)]
+        data_seconds = time.perf_counter() - start
         counts = global_token_counts(batches, dev)
         sums = torch.zeros(2, device=dev)
         tokens = torch.tensor(float(sum(b.num_tokens for b in batches)), device=dev)
@@ -292,7 +294,7 @@ class Trainer:
         ce, mse = reported_losses(sums, counts)
         total = cfg.loss.ce * ce + cfg.loss.mse * mse
         return StepStats(self.step, total, ce, mse, float(norm), lr, int(all_reduce_sum(tokens)),
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, data_seconds)
 
     # ----- the loop ------------------------------------------------------------------------------
 
