@@ -193,6 +193,21 @@ def test_a_batch_moves_its_vae_images_as_one_flat_copy(tmp_path, tokenizer_dir):
     assert [m.shape for m in meta] == [i.shape for i in batch.vae_images] and meta[0].is_meta
 
 
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(tmp_path, tokenizer_dir):
+    """compile_layers: the decoder and ViT layers compiled in place (dynamic shapes: every packed batch has
+    its own length) train to the same losses, and the parameter names (EMA, checkpoints) do not change."""
+    eager = Trainer(small(tokenizer_dir), tmp_path / "eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Trainer(small(tokenizer_dir, compile_layers=True), tmp_path / "compiled")
+    assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
+    for _ in range(3):
+        a, b = eager.train_step(), compiled.train_step()
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # it did compile (decoder, ViT)
+
+
 def test_time_limit_stops_saves_and_exports(tmp_path, tokenizer_dir):
     """A run out of time ends at a step boundary with a checkpoint and the export, as a finished run does;
     `--resume` then carries on from that step."""

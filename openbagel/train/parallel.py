@@ -67,6 +67,13 @@ def apply_activation_checkpointing(model: Bagel) -> None:
     model.vit_model.gradient_checkpointing = True
 
 
+def apply_compile(model: Bagel) -> None:
+    """torch.compile each decoder and ViT layer in place (regional: the layers of a stack share one graph;
+    dynamic shapes, since packed batches change length every step). Parameter names do not change."""
+    for layer in [*model.language_model.model.layers, *model.vit_model.vision_model.encoder.layers]:
+        layer.compile(dynamic=True)
+
+
 def apply_fsdp(model: Bagel, world: World, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True) -> None:
     """FSDP2: shard each decoder layer and ViT layer as a unit, then the root (embeddings, heads, glue)."""
@@ -82,10 +89,13 @@ def apply_fsdp(model: Bagel, world: World, param_dtype: torch.dtype | None,
     register_fsdp_forward_method(model, "forward_train")
 
 
-def parallelize(model: Bagel, world: World, *, activation_checkpointing: bool,
+def parallelize(model: Bagel, world: World, *, activation_checkpointing: bool, compile_layers: bool,
                 param_dtype: torch.dtype | None) -> None:
+    """torchtitan's order: activation checkpointing, then compile, then FSDP2."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile_layers:
+        apply_compile(model)
     if world.distributed:
         apply_fsdp(model, world, param_dtype)
 

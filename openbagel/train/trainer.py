@@ -85,6 +85,7 @@ class TrainConfig:
     freeze_vae: bool = True  # the VAE is never trained: latents are encoded without grad, as officially
     freeze_und: bool = False  # train only the generation expert and gen-side modules
     activation_checkpointing: bool = False
+    compile_layers: bool = False  # torch.compile each decoder / ViT layer (the first steps compile; pays where launch-bound)
     mixed_precision: str | None = None  # "bfloat16": FSDP2 MixedPrecisionPolicy, or autocast in one process
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later)
     vae_sample: bool = True  # sample the VAE posterior (official) rather than take its mean
@@ -200,7 +201,8 @@ class Trainer:
 
         # 2. Parallelism from outside; then EMA shadows and the optimiser see the (sharded) parameters.
         mp = DTYPES[cfg.mixed_precision] if cfg.mixed_precision else None
-        parallelize(self.model, self.world, activation_checkpointing=cfg.activation_checkpointing, param_dtype=mp)
+        parallelize(self.model, self.world, activation_checkpointing=cfg.activation_checkpointing,
+                    compile_layers=cfg.compile_layers, param_dtype=mp)
         self.compute_dtype = mp if (mp and self.world.distributed) else torch.float32
         self.autocast = (torch.autocast(dev.type, dtype=mp) if (mp and not self.world.distributed)
                          else contextlib.nullcontext())
