@@ -7,6 +7,7 @@ by the document mask). Every token has a kind; image tokens are filled, in row-m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -52,7 +53,20 @@ class PackedBatch:
         return int((self.token_kind != PAD).sum())
 
 
+def flatten_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """Images of any shapes as one flat tensor and their shapes: hundreds of small images then cross a
+    process or device boundary as one tensor, not one each."""
+    flat = torch.cat([img.reshape(-1) for img in images]) if images else torch.empty(0)
+    return flat, [tuple(img.shape) for img in images]
+
+
+def unflatten_images(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Inverse of `flatten_images`: views into `flat`."""
+    parts = flat.split([math.prod(shape) for shape in shapes]) if shapes else []
+    return [part.view(shape) for part, shape in zip(parts, shapes)]
+
+
 def _to_device_at_once(images: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Hundreds of small images moved as one flat copy (one transfer, not one per image); views back."""
-    flat = torch.cat([img.reshape(-1) for img in images]).to(device, non_blocking=True)
-    return [part.view(img.shape) for part, img in zip(flat.split([img.numel() for img in images]), images)]
+    flat, shapes = flatten_images(images)
+    return unflatten_images(flat.to(device, non_blocking=True), shapes)

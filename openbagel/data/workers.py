@@ -1,8 +1,9 @@
 """`WorkerPacker`: a `Packer` run in background processes, for accelerators that outpace one CPU core.
 
 Rendering, tokenising and packing a Shapes batch costs about 5 ms per row on one core; an H100 steps
-the embedded model through a 32-row batch faster than one core packs it. With `workers=W`, rank r runs W packing *lanes*, lane w a `Packer` over the
-samples of global lane g = r*W + w (samples g, g + world*W, ...), each in its own worker process.
+the embedded model through a 32-row batch faster than one core packs it. With `workers=W`, rank r runs
+W packing *lanes*, lane w a `Packer` over the samples of global lane g = r*W + w (samples g, g + world*W,
+...), each in its own worker process.
 Batches come back lane by lane in a fixed order, so a run is deterministic for a given W. The data
 position is every lane's `Packer.state()` plus the lane due next: a resumed run continues exactly
 where it stopped. (The stream differs from the one of `workers=0`, which is one lane.)
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Iterator
 
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import BagelConfig
 from ..tokenizer import BagelTokenizer
-from .batch import PackedBatch
+from .batch import PackedBatch, flatten_images, unflatten_images
 from .packing import Packer, PackingConfig, lanes_mismatch
 from .sources import DataConfig, build_source
 
@@ -34,15 +34,12 @@ Wire = tuple[PackedBatch, torch.Tensor, list[tuple[int, ...]], dict]
 
 def _to_wire(batch: PackedBatch, state: dict) -> Wire:
     """The batch without its VAE image list, the images flattened into one tensor, their shapes, the state."""
-    images = batch.vae_images
-    flat = torch.cat([img.reshape(-1) for img in images]) if images else torch.empty(0)
-    return dataclasses.replace(batch, vae_images=[]), flat, [tuple(img.shape) for img in images], state
+    return (dataclasses.replace(batch, vae_images=[]), *flatten_images(batch.vae_images), state)
 
 
 def _from_wire(wire: Wire) -> tuple[PackedBatch, dict]:
     batch, flat, shapes, state = wire
-    parts = flat.split([math.prod(shape) for shape in shapes]) if shapes else []
-    batch.vae_images = [part.view(shape) for part, shape in zip(parts, shapes)]
+    batch.vae_images = unflatten_images(flat, shapes)
     return batch, state
 
 

@@ -61,13 +61,11 @@ class ExpertRouting:
                 # (wasting < 2% on the boundary) and overwrite the boundary, instead of copying the latents
                 # out of the block and the result back in (two full-size copies per call).
                 out = gen_fn(x)
-                und_out = und_fn(torch.cat([x[:, :a], x[:, b:]], dim=1))
-                out[:, :a], out[:, b:] = und_out[:, :a], und_out[:, a:]
-                return out
-            # One contiguous [B * n, C] input: a strided [B, n, C] view would run as B separate GEMMs.
-            gen_out = gen_fn(x[:, a:b].reshape(B * (b - a), C))
-            out = x.new_empty(B, L, gen_out.shape[-1], dtype=gen_out.dtype)
-            out[:, a:b] = gen_out.view(B, b - a, -1)
+            else:
+                # One contiguous [B * n, C] input: a strided [B, n, C] view would run as B separate GEMMs.
+                gen_out = gen_fn(x[:, a:b].reshape(B * (b - a), C))
+                out = x.new_empty(B, L, gen_out.shape[-1], dtype=gen_out.dtype)
+                out[:, a:b] = gen_out.view(B, b - a, -1)
             if b - a < L:
                 und_out = und_fn(torch.cat([x[:, :a], x[:, b:]], dim=1))
                 out[:, :a], out[:, b:] = und_out[:, :a], und_out[:, a:]
