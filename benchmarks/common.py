@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -146,7 +147,7 @@ def report(rows: list[dict[str, Any]], columns: list[str], out: str | Path, meta
     for r in rows:
         print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     Path(out).write_text(json.dumps({"command": command, **meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

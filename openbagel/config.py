@@ -336,11 +336,14 @@ PRESETS: dict[str, BagelConfig] = {
             "generation": "plan the picture inside <think></think> before you draw or edit it.",
             "understanding": "list the facts you see inside <think></think> before you answer.",
         },
-        # Shapes texts are short: cap decoding well above the longest caption or thought.
+        # Decoding stops at </think> or the end of the answer; the cap sits above the longest canonical
+        # text (a thought, then a `describe` caption: ~380 tokens in the shipped character-level vocabulary;
+        # tests/test_shapes_tasks.py). Edits take text guidance 2 instead of BAGEL's 4: +2.5 to +5 points
+        # of exact edits on five held-out sets (MODEL_CARD.md, "Sampler settings").
         task_defaults={
-            "generate": {"num_timesteps": 20, "max_think_token_n": 160},
-            "edit": {"num_timesteps": 20, "max_think_token_n": 160},
-            "understand": {"max_think_token_n": 160},
+            "generate": {"num_timesteps": 20, "max_think_token_n": 448},
+            "edit": {"num_timesteps": 20, "cfg_text_scale": 2.0, "max_think_token_n": 448},
+            "understand": {"max_think_token_n": 448},
         },
         extra_special_tokens=("<think>", "</think>"),
     ),

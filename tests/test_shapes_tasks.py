@@ -149,3 +149,28 @@ def test_partial_constraints_are_exact():
     assert not c(Scene("white", (red_circle, square, Obj("diamond", "red", "small", "center"))))  # extra object
     assert Constraint((("circle", "red"),) * 2)(Scene("gray", (red_circle, red_circle.with_(cell="center"))))
     assert not Constraint((("circle", "red"),) * 3)(Scene("gray", (red_circle, red_circle.with_(cell="center"))))
+
+
+@pytest.mark.parametrize("source", ["shipped", "preset"])
+def test_decoding_budget_fits_every_canonical_text(source):
+    """The embedded model's default cap on generated tokens must fit the longest thought and answer the
+    world asks for, in its own vocabulary; a truncated thought or `describe` answer is scored wrong."""
+    from openbagel.config import BagelConfig, preset
+    from openbagel.inference.pipeline import EMBEDDED_MODEL
+    from openbagel.inference.settings import resolve
+    from openbagel.tokenizer import BagelTokenizer
+
+    config = BagelConfig.load(EMBEDDED_MODEL) if source == "shipped" else preset("shapes-tiny")
+    tokenizer = BagelTokenizer.from_dir(EMBEDDED_MODEL)
+    task_of = {"generate": "generate", "question": "understand", "reason_question": "understand"}
+    longest: dict[str, int] = {}
+    for kind, sub in ALL_SUBS:
+        for task in tasks_of(kind, sub, range(60)):
+            for step in task.steps:
+                # thinking: "<think>...</think>" then the answer, if any; without: the answer alone
+                text = step.thought + (f" {step.answer}" if step.answer is not None else "")
+                pipeline_task = task_of.get(kind, "edit")
+                longest[pipeline_task] = max(longest.get(pipeline_task, 0), len(tokenizer.encode(text)) + 1)
+    for pipeline_task, n in longest.items():
+        cap = resolve(pipeline_task, {}, config.task_defaults).text.max_new_tokens
+        assert n <= cap, f"{pipeline_task}: {n} tokens needed, default cap {cap}"

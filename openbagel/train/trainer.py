@@ -211,8 +211,10 @@ class Trainer:
             raise ValueError("every parameter is frozen: nothing to train")
         self.ema = EMA(self.model, cfg.ema_decay)
         o = cfg.optim
+        # One fused kernel per step on a single GPU, where the step is launch-bound; foreach elsewhere.
+        fused = dev.type == "cuda" and not self.world.distributed
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay, foreach=True)
+                                           weight_decay=o.weight_decay, foreach=not fused, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, cfg.steps))
         if cfg.data_workers:
             self.packer = WorkerPacker(cfg.data, self.tokenizer, self.model_cfg, cfg.packing, cfg.seed,
