@@ -30,7 +30,7 @@ from openbagel.inference.sampler import cfg_active, timesteps
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PROMPT_EDIT, PROMPT_T2I, bench_config, environment, measure, random_pipeline,  # noqa: E402
                     report, task_jobs, test_image)
-from matmul_peak import SHAPES, gflops  # noqa: E402
+from matmul_peak import peak_gflops  # noqa: E402
 
 
 def branch_step_flops(cfg, latents: int, context: int) -> dict[str, int]:
@@ -139,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    peak = max(gflops(m, k, n, seconds_budget=0.5) for m, k, n in SHAPES)
+    peak = peak_gflops(seconds_budget=0.5)
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GiB, PROMPT_EDIT, PROMPT_T2I, bench_config, bench_tokenizer, environment, measure,  # noqa: E402
                     peak_rss, report, reset_peak_rss, test_image)
-from matmul_peak import SHAPES, gflops  # noqa: E402
+from matmul_peak import peak_gflops  # noqa: E402
 
 from openbagel.checkpoint import LoadedCheckpoint, init_random  # noqa: E402
 from openbagel.inference.offload import offload_layers  # noqa: E402
@@ -164,7 +164,7 @@ def main() -> None:
     elif card_peak:
         peak, peak_source = card_peak, f"data sheet, {torch.cuda.get_device_name(device)}"
     else:
-        peak, peak_source = max(gflops(m, k, n, seconds_budget=0.5) for m, k, n in SHAPES) / 1e3, "measured fp32 matmul"
+        peak, peak_source = peak_gflops(seconds_budget=0.5) / 1e3, "measured fp32 matmul"
 
     def reset_memory() -> None:
         torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else reset_peak_rss()

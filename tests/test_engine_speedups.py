@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -235,3 +236,33 @@ def test_column_span_routing_matches_the_gather_path():
     expected = und(x)
     expected[1, 2:4] = gen(x[1, 2:4])
     torch.testing.assert_close(routing.apply(x, und, gen), expected)
+
+
+def test_onednn_packed_linears_match_and_refuse_quantisation(tiny_checkpoint):
+    """Packed layers give the unpacked outputs; a packed model cannot be quantised by mistake."""
+    from openbagel.inference.onednn import PackedLinear, pack_linears, packable_linears
+    from openbagel.inference.pipeline import BagelPipeline
+
+    assert packable_linears("language_model.model.layers.0.mlp.up_proj", torch.nn.Linear(512, 512))
+    assert not packable_linears("language_model.model.layers.0.mlp.up_proj", torch.nn.Linear(64, 128))
+    assert not packable_linears("vae2llm", torch.nn.Linear(512, 512))
+    default = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32")
+    assert not any(isinstance(m, PackedLinear) for m in default.engine.model.modules())  # 64 wide: too small
+
+    pipe = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32", pack=False)
+    pipe.set_progress_bar_config(disable=True)
+    jobs = _jobs(pipe, "edit")
+    plain = _generate(pipe, jobs)
+    answer = pipe.understand(None, "what color is the triangle?", max_new_tokens=4).raw_text
+    source = Image.new("RGB", (64, 64), (200, 30, 30))
+    edited = torch.tensor(np.asarray(pipe.edit(source, "make the square blue", seed=1, num_inference_steps=3).images[0]))
+    every_linear = lambda name, m: type(m) is torch.nn.Linear and name.startswith(("language_model.", "vit_model."))  # noqa: E731
+    assert pack_linears(pipe.engine.model, every_linear) > 0
+    assert _rel(_generate(pipe, jobs), plain) < 1e-5
+    assert pipe.understand(None, "what color is the triangle?", max_new_tokens=4).raw_text == answer
+    again = torch.tensor(np.asarray(pipe.edit(source, "make the square blue", seed=1, num_inference_steps=3).images[0]))
+    assert (again.int() - edited.int()).abs().max() <= 1  # whole edit, prefills included: pixel rounding at most
+    with pytest.raises(ValueError, match="packed for oneDNN"):
+        quantize(pipe.engine.model, "int8")
+    with pytest.raises(ValueError, match="pack=True needs fp32 weights on CPU"):
+        BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", pack=True)

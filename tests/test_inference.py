@@ -297,3 +297,16 @@ def test_batch_file_with_bad_lines(tiny_pipeline, source, tmp_path):
     assert len(by_id["c"]["images"]) == 2 and "thought" in by_id["c"]
     written = [json.loads(l)["id"] for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert written == [r["id"] for r in results]
+
+
+def test_inference_builds_no_autograd_graph(tiny_pipeline, source):
+    """Every phase (prefills, denoising, decoding) runs without recording a graph for backward."""
+    recorded: list[bool] = []
+    hook = tiny_pipeline.engine.model.language_model.model.register_forward_hook(
+        lambda module, args, out: recorded.append(out.requires_grad))
+    try:
+        tiny_pipeline.edit(source, "make the circle blue", seed=0, **FAST)
+        tiny_pipeline.understand(source, "what color is the circle?", max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert recorded and not any(recorded)

@@ -144,6 +144,7 @@ class Engine:
 
     # ----- prefill ---------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def prefill_text(self, cache: KVCache, blocks: list[list[int]]) -> None:
         """Append one token block per row (empty list = nothing for that row); causal, one position each."""
         if len(blocks) != cache.batch:
@@ -176,6 +177,7 @@ class Engine:
         c = torch.tensor(counts, device=self.device)[:, None]
         return (j >= 1) & (j <= c)
 
+    @torch.no_grad()
     def prefill_vae_images(self, cache: KVCache, images: list[torch.Tensor | None],
                            generators: list[torch.Generator | None] | None = None, sample: bool = True) -> None:
         """Append a clean VAE block per row (t = 0, generation expert, full attention); rope +1.
@@ -200,6 +202,7 @@ class Engine:
         emb = self.model.embed_latents(torch.cat(tokens), zeros.expand(sum(counts)), torch.cat(pos))
         self._prefill_image_rows(cache, rows, emb, counts, gen=True)
 
+    @torch.no_grad()
     def prefill_vit_images(self, cache: KVCache, images: list[torch.Tensor | None]) -> None:
         """Append a ViT block per row (understanding expert, full attention); rope +1."""
         rows = [r for r, img in enumerate(images) if img is not None]

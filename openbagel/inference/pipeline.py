@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..checkpoint import LoadedCheckpoint, load_checkpoint
 from ..processing import resize, to_pil, to_rgb, to_tensor
+from . import onednn
 from .engine import Engine, ImageJob, TextParams
 from .kv_cache import KVCache
 from .offload import offload_layers
@@ -86,13 +87,15 @@ class BagelPipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, offload: bool = False,
-                        quantize: str | None = None) -> "BagelPipeline":
+                        quantize: str | None = None, pack: bool | None = None) -> "BagelPipeline":
         """Load a checkpoint directory or hub id (default: the embedded Shapes model shipped in the package).
 
         `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
         (`inference/offload.py`): for GPUs that cannot hold the whole model. `quantize` (a mode of
         `inference/quantize.py`: int8, torchao-int8, torchao-int4, torchao-fp8, bnb-int8, bnb-nf4) loads the weights
-        into CPU memory and quantises the language model layer by layer on its way to `device`.
+        into CPU memory and quantises the language model layer by layer on its way to `device`. `pack`
+        runs the fp32 Linear layers on oneDNN with prepacked weights (`inference/onednn.py`; default: on
+        for fp32 on CPU without quantize or offload; pass False to quantise or train the model later).
         """
         device = torch.device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
@@ -102,8 +105,13 @@ class BagelPipeline:
         if quantize and offload:
             raise ValueError("quantize and offload do not combine: pick one (quantize shrinks the weights, "
                              "offload streams them from CPU memory)")
+        if pack and not onednn.available(device, dtype) or pack and (offload or quantize):
+            raise ValueError("pack=True needs fp32 weights on CPU without quantize or offload")
         if not (offload or quantize):
-            return cls(load_checkpoint(path, device=device, dtype=dtype))
+            checkpoint = load_checkpoint(path, device=device, dtype=dtype)
+            if pack or (pack is None and onednn.available(device, dtype)):
+                onednn.pack_linears(checkpoint.model)
+            return cls(checkpoint)
         checkpoint = load_checkpoint(path, device="cpu", dtype=dtype)
         if quantize:
             quantize_model(checkpoint.model, quantize, device=device)

@@ -81,18 +81,18 @@ def quantize(model: nn.Module, mode: str = "int8",
     there: each selected layer is moved and quantised in turn, then the remaining tensors follow."""
     target = None if device is None else torch.device(device)
     check_mode(mode, target or next(model.parameters()).device)
+    from .onednn import PackedLinear  # lazy: onednn builds on replace_linears below
+
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise ValueError("this model's Linear layers are packed for oneDNN (the CPU fp32 default); load it with "
+                         "BagelPipeline.from_pretrained(..., quantize=MODE) or pack=False, then quantise")
     if mode.startswith("torchao"):
         make = _torchao_factory(mode)
     elif mode.startswith("bnb"):
         make = _bnb_factory(mode)
     else:
         make = Int8Linear.from_linear
-    names = [name for name, m in model.named_modules() if include(name, m)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, make(linear, target or linear.weight.device))
+    names = replace_linears(model, include, lambda linear: make(linear, target or linear.weight.device))
     if target is not None:
         from accelerate.utils import set_module_tensor_to_device
 
@@ -101,6 +101,17 @@ def quantize(model: nn.Module, mode: str = "int8",
             if name.rpartition(".")[0] not in quantized:
                 set_module_tensor_to_device(model, name, target, value=tensor.data)
     return model
+
+
+def replace_linears(model: nn.Module, include: Callable[[str, nn.Module], bool],
+                    make: Callable[[nn.Linear], nn.Module]) -> list[str]:
+    """Swap every selected layer for make(layer), in place; returns the qualified names swapped."""
+    names = [name for name, m in model.named_modules() if include(name, m)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child)))
+    return names
 
 
 def _torchao_factory(mode: str) -> Callable[[nn.Linear, torch.device], nn.Module]:
