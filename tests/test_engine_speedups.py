@@ -240,7 +240,7 @@ def test_column_span_routing_matches_the_gather_path():
 
 def test_onednn_packed_linears_match_and_refuse_quantisation(tiny_checkpoint):
     """Packed layers give the unpacked outputs; a packed model cannot be quantised by mistake."""
-    from openbagel.inference.onednn import PackedLinear, pack_linears, packable_linears
+    from openbagel.inference.onednn import PackedLinear, pack_linears, packable_linears, unpack_linears
     from openbagel.inference.pipeline import BagelPipeline
 
     assert packable_linears("language_model.model.layers.0.mlp.up_proj", torch.nn.Linear(512, 512))
@@ -264,5 +264,9 @@ def test_onednn_packed_linears_match_and_refuse_quantisation(tiny_checkpoint):
     assert (again.int() - edited.int()).abs().max() <= 1  # whole edit, prefills included: pixel rounding at most
     with pytest.raises(ValueError, match="packed for oneDNN"):
         quantize(pipe.engine.model, "int8")
+    packed = sum(isinstance(m, PackedLinear) for m in pipe.engine.model.modules())
+    assert unpack_linears(pipe.engine.model) == packed  # what the engine does before compiling
+    assert not any(isinstance(m, PackedLinear) for m in pipe.engine.model.modules())
+    assert torch.equal(_generate(pipe, jobs), plain)
     with pytest.raises(ValueError, match="pack=True needs fp32 weights on CPU"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", pack=True)

@@ -20,6 +20,7 @@ from ..models.layers import KeySuffixes, rope_cos_sin
 from ..models.qwen2_mot import ExpertRouting, KVSlot
 from ..models.vae import AutoEncoder
 from ..processing import patchify_image, patchify_latent, unpatchify_latent
+from . import onednn
 from .kv_cache import KVCache
 from .sampler import FlowParams, cfg_active, cfg_combine, euler_step, timesteps
 from .step_cache import StepCacheConfig
@@ -396,6 +397,7 @@ class Engine:
         layers = None
         if self.compile_step:
             if self._compiled_layers is None:
+                onednn.unpack_linears(lm)  # Inductor packs the weights of what it compiles itself
                 self._compiled_layers = [CompiledLayer(layer) for layer in lm.layers]
             layers = self._compiled_layers
 

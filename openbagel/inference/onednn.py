@@ -10,7 +10,8 @@ with `F.linear` to ~1e-6 relative (another summation order).
     pack_linears(pipe.engine.model)        # BagelPipeline.from_pretrained does it for fp32 on CPU
 
 The packed weight replaces the original (no second copy), so a packed model is for inference only: it
-has no `weight` parameters to train, save, quantise or offload.
+has no `weight` parameters to train, save, quantise or offload; `unpack_linears` restores plain layers
+(the engine does it before `compile_step` compiles the decoder layers).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
+    def to_linear(self) -> nn.Linear:
+        """The plain layer back (torch.compile cannot trace the opaque packed weight)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
 
@@ -58,3 +66,8 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, include: Callable[[str, nn.Module], bool] = packable_linears) -> int:
     """Replace the selected fp32 CPU Linear layers in place; returns how many."""
     return len(replace_linears(model, include, lambda linear: PackedLinear(linear)))
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Undo pack_linears in place; returns how many layers were packed."""
+    return len(replace_linears(model, lambda name, m: isinstance(m, PackedLinear), PackedLinear.to_linear))
