@@ -65,7 +65,7 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, include: Callable[[str, nn.Module], bool] = packable_linears) -> int:
     """Replace the selected fp32 CPU Linear layers in place; returns how many."""
-    return len(replace_linears(model, include, lambda linear: PackedLinear(linear)))
+    return len(replace_linears(model, include, PackedLinear))
 
 
 def unpack_linears(model: nn.Module) -> int:

@@ -105,7 +105,7 @@ class BagelPipeline:
         if quantize and offload:
             raise ValueError("quantize and offload do not combine: pick one (quantize shrinks the weights, "
                              "offload streams them from CPU memory)")
-        if pack and not onednn.available(device, dtype) or pack and (offload or quantize):
+        if pack and (offload or quantize or not onednn.available(device, dtype)):
             raise ValueError("pack=True needs fp32 weights on CPU without quantize or offload")
         if not (offload or quantize):
             checkpoint = load_checkpoint(path, device=device, dtype=dtype)
