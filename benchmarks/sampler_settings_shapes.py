@@ -26,9 +26,7 @@ from common import environment, report  # noqa: E402
 
 from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
 from openbagel.shapes.evaluate import DEFAULT_THINK_MODES, evaluate, pipeline_runner  # noqa: E402
-
-PIPELINE_TASK = {"generate": "generate", "edit": "edit", "reason_edit": "edit", "chat": "edit",
-                 "question": "understand", "reason_question": "understand"}
+from openbagel.shapes.taskfile import SETTINGS_TASK  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     variants = [json.loads(v) for v in (args.variant or ["{}"])]
-    task = PIPELINE_TASK[args.kind]
+    task = SETTINGS_TASK[args.kind]
     prefix = f"{args.kind}+think/" if args.think else f"{args.kind}/"
     torch.set_num_threads(args.threads)
     pipe = BagelPipeline.from_pretrained(args.model, device="cpu")

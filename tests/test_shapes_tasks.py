@@ -158,18 +158,18 @@ def test_decoding_budget_fits_every_canonical_text(source):
     from openbagel.config import BagelConfig, preset
     from openbagel.inference.pipeline import EMBEDDED_MODEL
     from openbagel.inference.settings import resolve
+    from openbagel.shapes.taskfile import SETTINGS_TASK
     from openbagel.tokenizer import BagelTokenizer
 
     config = BagelConfig.load(EMBEDDED_MODEL) if source == "shipped" else preset("shapes-tiny")
     tokenizer = BagelTokenizer.from_dir(EMBEDDED_MODEL)
-    task_of = {"generate": "generate", "question": "understand", "reason_question": "understand"}
     longest: dict[str, int] = {}
     for kind, sub in ALL_SUBS:
         for task in tasks_of(kind, sub, range(60)):
             for step in task.steps:
                 # thinking: "<think>...</think>" then the answer, if any; without: the answer alone
                 text = step.thought + (f" {step.answer}" if step.answer is not None else "")
-                pipeline_task = task_of.get(kind, "edit")
+                pipeline_task = SETTINGS_TASK[kind]
                 longest[pipeline_task] = max(longest.get(pipeline_task, 0), len(tokenizer.encode(text)) + 1)
     for pipeline_task, n in longest.items():
         cap = resolve(pipeline_task, {}, config.task_defaults).text.max_new_tokens

@@ -14,6 +14,8 @@ from .tasks import Task
 
 BATCH_TASK = {"generate": "generate", "edit": "edit", "reason_edit": "edit", "question": "understand",
               "reason_question": "understand", "chat": "chat"}
+# The pipeline task whose settings (task_defaults) a kind runs under: a chat is edits in turn.
+SETTINGS_TASK = {kind: "edit" if task == "chat" else task for kind, task in BATCH_TASK.items()}
 
 
 def task_line(task: Task, task_id: str, image: str | None, think: bool, seed: int) -> dict:
