@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -270,3 +271,36 @@ def test_onednn_packed_linears_match_and_refuse_quantisation(tiny_checkpoint):
     assert torch.equal(_generate(pipe, jobs), plain)
     with pytest.raises(ValueError, match="pack=True needs fp32 weights on CPU"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", pack=True)
+
+
+def _rss_file_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_is_lazy_and_drops_the_file_pages_of_a_packed_weight(tmp_path):
+    """A layer packs on first call; its checkpoint pages then leave RSS; anonymous memory is never dropped."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from openbagel.inference.onednn import PackedLinear, release_file_pages
+
+    save_file({"w": torch.randn(2048, 2048)}, str(tmp_path / "w.safetensors"))  # 16 MiB
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt", device="cpu") as f:
+        mapped = f.get_tensor("w")
+    linear = torch.nn.Linear(2048, 2048, bias=False)
+    linear.weight = torch.nn.Parameter(mapped, requires_grad=False)
+    expected = linear(torch.ones(3, 2048))  # reads every page of the mapping
+    layer = PackedLinear(linear)
+    assert layer.packed is None  # nothing reordered yet
+    before = _rss_file_kib()
+    torch.testing.assert_close(layer(torch.ones(3, 2048)), expected, rtol=1e-5, atol=1e-4)
+    assert layer.packed is not None
+    assert before - _rss_file_kib() > 12 * 1024  # the 16 MiB weight's pages were dropped
+    anonymous = torch.randn(2048, 2048)
+    copy = anonymous.clone()
+    assert not release_file_pages(anonymous)
+    assert torch.equal(anonymous, copy)

@@ -9,13 +9,18 @@ with `F.linear` to ~1e-6 relative (another summation order).
     from openbagel.inference.onednn import pack_linears
     pack_linears(pipe.engine.model)        # BagelPipeline.from_pretrained does it for fp32 on CPU
 
-The packed weight replaces the original (no second copy), so a packed model is for inference only: it
-has no `weight` parameters to train, save, quantise or offload; `unpack_linears` restores plain layers
-(the engine does it before `compile_step` compiles the decoder layers).
+A layer packs on its first call, so a layer a task never runs (the 2.2 GB `lm_head` of the 7B in
+text-to-image) is never read. The packed weight then replaces the original: a weight that lies in the
+checkpoint's file mapping (safetensors loads zero-copy) has its pages dropped from the process, so it is
+not counted twice. A packed model is for inference only: it has no `weight` parameters to train, save,
+quantise or offload; `unpack_linears` restores plain layers (the engine does it before `compile_step`
+compiles the decoder layers).
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable
 
 import torch
@@ -39,23 +44,58 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+def _file_mapped(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one file mapping of this process (Linux /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= start and end <= hi:
+                return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    return False
+
+
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the resident pages of a tensor that is a view of a file mapping; returns whether it did.
+
+    The pages stay in the file, and a later read would fault them back in unchanged (the weights are
+    never written), so this only stops a weight that was copied elsewhere from counting twice in RSS.
+    Anonymous memory is never touched: there, MADV_DONTNEED would zero it.
+    """
+    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return False
+    page = 4096
+    start, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    lo, hi = -(-start // page) * page, (start + size) // page * page
+    if hi <= lo or not _file_mapped(start, start + size):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(lo, hi - lo, 4) == 0  # MADV_DONTNEED
+
+
 class PackedLinear(nn.Module):
-    """y = x @ W.T + b with W held in oneDNN's blocked layout."""
+    """y = x @ W.T + b with W held in oneDNN's blocked layout, reordered on the first call."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 512) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint), persistent=False)
+        self.in_features, self.out_features, self.rows_hint = linear.in_features, linear.out_features, rows_hint
+        self._weight: torch.Tensor | None = linear.weight.detach()  # until the first call
+        self.register_buffer("packed", None, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self._weight, self.rows_hint)
+            release_file_pages(self._weight)
+            self._weight = None
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def to_linear(self) -> nn.Linear:
         """The plain layer back (torch.compile cannot trace the opaque packed weight)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        weight = self._weight if self.packed is None else self.packed.to_dense()
+        linear.weight = nn.Parameter(weight, requires_grad=False)
         linear.bias = self.bias
         return linear
 
