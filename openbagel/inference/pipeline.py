@@ -94,8 +94,9 @@ class BagelPipeline:
         (`inference/offload.py`): for GPUs that cannot hold the whole model. `quantize` (a mode of
         `inference/quantize.py`: int8, torchao-int8, torchao-int4, torchao-fp8, bnb-int8, bnb-nf4) loads the weights
         into CPU memory and quantises the language model layer by layer on its way to `device`. `pack`
-        runs the fp32 Linear layers on oneDNN with prepacked weights (`inference/onednn.py`; default: on
-        for fp32 on CPU without quantize or offload; pass False to quantise or train the model later).
+        runs the fp32 Linear layers on oneDNN with weights reordered on each layer's first call
+        (`inference/onednn.py`; default: on for fp32 on CPU without quantize or offload; pass False to
+        quantise or train the model later).
         """
         device = torch.device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
