@@ -255,3 +255,20 @@ def test_every_recipe_builds_a_valid_config():
     assert scratch.init_from is None and scratch.tokenizer is None and scratch.vae_from  # BPE trained, shipped AE
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("shapes-huge")
+
+
+def test_autoencoder_outline_weights_the_pixels_where_shapes_differ():
+    """The decoder polish's extra weight lands on a one-pixel band each side of an object's edge, nowhere else."""
+    from openbagel.shapes.render import render
+    from openbagel.shapes.scene import Obj, Scene
+    from openbagel.processing import to_tensor
+    from openbagel.train.autoencoder import foreground, outline
+
+    x = to_tensor(render(Scene("white", (Obj("diamond", "red", "small", "center"),))))[None]
+    fg = foreground(x)
+    ring = outline(fg)
+    assert set(ring.unique().tolist()) == {0.0, 1.0}
+    assert ring[fg == 0].sum() > 0 and ring[fg == 1].sum() > 0  # both sides of the edge
+    inner = -torch.nn.functional.max_pool2d(-fg, 5, stride=1, padding=2)  # two pixels inside the edge
+    assert ring[inner == 1].sum() == 0 and ring.sum() < 0.05 * ring.numel()  # a thin band: 2% of the canvas
+    assert ring[:, :, :10].sum() == 0  # the background far from the object gets no extra weight

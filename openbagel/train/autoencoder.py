@@ -40,6 +40,7 @@ class AutoencoderRecipe:
     save_every: int = 250  # calibrate and write a usable autoencoder this often
     polish_steps: int = 0  # then train the decoder alone (latents stay fixed) with a short annealed schedule
     polish_lr: float = 3e-4
+    outline_weight: float = 0.0  # polish only: extra loss weight on the pixels along an object's outline
 
 
 def shapes_batch(rng: random.Random, n: int) -> torch.Tensor:
@@ -51,6 +52,13 @@ def shapes_batch(rng: random.Random, n: int) -> torch.Tensor:
 def foreground(x: torch.Tensor) -> torch.Tensor:
     """[B, 1, H, W] mask of pixels that differ from the image's corner (background) colour."""
     return (x - x[:, :, :1, :1]).abs().amax(dim=1, keepdim=True).gt(0.01).float()
+
+
+def outline(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] pixels within one pixel of a foreground mask's edge (dilation minus erosion)."""
+    dilated = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1)
+    eroded = -torch.nn.functional.max_pool2d(-mask, 3, stride=1, padding=1)
+    return dilated - eroded
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,7 +90,9 @@ def polish_decoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print) ->
     """Train only the decoder of the saved autoencoder: sharper renders of the very same latents.
 
     The encoder, hence the latent space the transformer learns, is untouched, so this stage can run
-    before, during or after the unified training. Marks `ae_metrics.json` with `polished_steps`.
+    before, during or after the unified training, and again. `outline_weight` is what makes the small
+    shapes come out right: the pixels along an outline are few, and they are where a small diamond and a
+    small circle differ. Marks `ae_metrics.json` with `polished_steps` and `outline_weight`.
     """
     out_dir = Path(out_dir)
     ae = AutoEncoder(replace(recipe.vae, scale_factor=1.0, shift_factor=0.0))
@@ -94,18 +104,20 @@ def polish_decoder(recipe: AutoencoderRecipe, out_dir: str | Path, log=print) ->
     start = time.time()
     rng = random.Random(recipe.seed + 7)
     _fit(ae, list(ae.decoder.parameters()), recipe, recipe.polish_steps, recipe.polish_lr, rng, history, log,
-         save=lambda: None)
+         save=lambda: None, outline_weight=recipe.outline_weight)
     for rec in history[done:]:
-        rec["stage"] = "decoder polish"
+        rec["stage"] = "decoder polish" + (f", outline weight {recipe.outline_weight:g}" if recipe.outline_weight else "")
     constants = json.loads((out_dir / "ae_config.json").read_text())
     return save_autoencoder(ae, recipe, out_dir, history, before.get("train_seconds", 0.0) + time.time() - start,
                             constants=(constants["scale_factor"], constants["shift_factor"]),
-                            extra={"polished_steps": recipe.polish_steps})
+                            extra={"polished_steps": before.get("polished_steps", 0) + recipe.polish_steps,
+                                   "outline_weight": recipe.outline_weight})
 
 
 def _fit(ae: AutoEncoder, params: list, recipe: AutoencoderRecipe, steps: int, lr: float, rng: random.Random,
-         history: list[dict], log, save) -> None:
-    """Warm-up + cosine AdamW on L1 + MSE (object pixels weighted up) of posterior samples."""
+         history: list[dict], log, save, outline_weight: float = 0.0) -> None:
+    """Warm-up + cosine AdamW on L1 + MSE (object pixels, and optionally their outlines, weighted up) of
+    posterior samples."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -115,7 +127,8 @@ def _fit(ae: AutoEncoder, params: list, recipe: AutoencoderRecipe, steps: int, l
         mean, logvar = ae.posterior(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         y = ae.decoder(z)
-        w = 1.0 + recipe.foreground_weight * foreground(x)
+        fg = foreground(x)
+        w = 1.0 + recipe.foreground_weight * fg + outline_weight * outline(fg)
         err = y - x
         loss = ((err.abs() + err.pow(2)) * w).sum() / (w.sum() * 3) + recipe.mean_penalty * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from .autoencoder import AutoencoderRecipe, polish_decoder, train_autoencoder
 AUTOENCODERS: dict[str, AutoencoderRecipe] = {
     "shapes-tiny": AutoencoderRecipe(vae=PRESETS["shapes-tiny"].vae, steps=3500, batch_size=16, lr=2e-3,
                                      grad_clip=1e9, foreground_weight=8.0, save_every=500,
-                                     polish_steps=1500, polish_lr=3e-4),
+                                     polish_steps=1500, polish_lr=3e-4, outline_weight=16.0),
 }
 QUICK_EVAL_KINDS = {"generate": (False,), "edit": (False,), "question": (False,), "reason_edit": (True,)}
 
