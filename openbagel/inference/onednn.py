@@ -20,6 +20,7 @@ compiles the decoder layers).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 from collections.abc import Callable
 
@@ -62,10 +63,10 @@ def release_file_pages(t: torch.Tensor) -> bool:
     never written), so this only stops a weight that was copied elsewhere from counting twice in RSS.
     Anonymous memory is never touched: there, MADV_DONTNEED would zero it.
     """
-    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous():
         return False
-    page = 4096
-    start, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    page = mmap.PAGESIZE
+    start, size = t.data_ptr(), t.numel() * t.element_size()  # this tensor's bytes, not its whole storage
     lo, hi = -(-start // page) * page, (start + size) // page * page
     if hi <= lo or not _file_mapped(start, start + size):
         return False
