@@ -23,6 +23,7 @@ import ctypes
 import mmap
 import sys
 from collections.abc import Callable
+from functools import cache
 
 import torch
 from torch import nn
@@ -70,9 +71,14 @@ def release_file_pages(t: torch.Tensor) -> bool:
     lo, hi = -(-start // page) * page, (start + size) // page * page
     if hi <= lo or not _file_mapped(start, start + size):
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc.madvise(lo, hi - lo, 4) == 0  # MADV_DONTNEED
+    return _madvise()(lo, hi - lo, 4) == 0  # MADV_DONTNEED
+
+
+@cache
+def _madvise() -> Callable[[int, int, int], int]:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 class PackedLinear(nn.Module):
