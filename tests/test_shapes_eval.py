@@ -147,3 +147,20 @@ def test_cli_eval_kinds_scores_only_those_kinds(tmp_path, capsys):
     assert not any(name.startswith(("generate/", "edit/", "reason_")) for name in metrics)
     with pytest.raises(SystemExit, match="--kinds: pictures is not a task kind"):
         main(["eval", "shapes", "--oracle", "--kinds", "question,pictures"])
+
+
+def test_cli_eval_kinds_think_suffix_scores_the_thinking_mode():
+    from openbagel.shapes.cli import think_modes_for
+    assert think_modes_for("generate+think") == {"generate": (True,)}
+    assert think_modes_for("generate,generate+think,edit") == {"generate": (False, True), "edit": (False,)}
+    assert think_modes_for(None) == DEFAULT_THINK_MODES
+    with pytest.raises(SystemExit, match="--kinds: chat\\+thinking is not a task kind"):
+        think_modes_for("chat+thinking")
+
+
+def test_cli_eval_generate_think_reports_thinking_rows(tmp_path):
+    from openbagel.shapes.cli import main
+    main(["eval", "shapes", "--oracle", "-n", "1", "--kinds", "generate+think", "--out", str(tmp_path / "r.json")])
+    metrics = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert metrics["generate+think/partial_mean"] == 1.0 and metrics["thought/generate"] == 1.0
+    assert not any(name.startswith("generate/") for name in metrics)

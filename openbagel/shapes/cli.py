@@ -42,17 +42,30 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(tasks)} tasks to {path} (expected results: {path.parent / 'expected.jsonl'})")
 
 
+def think_modes_for(kinds: str | None) -> dict[str, tuple[bool, ...]]:
+    """`--kinds`: comma-separated kinds, each in its default think modes, or `KIND+think` for thinking only
+    (`generate,generate+think` scores text-to-image both ways); None: every kind, default modes."""
+    if kinds is None:
+        return dict(DEFAULT_THINK_MODES)
+    modes: dict[str, tuple[bool, ...]] = {}
+    entries = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in entries if k.removesuffix("+think") not in DEFAULT_THINK_MODES]
+    if unknown or not entries:
+        raise SystemExit(f"error: --kinds: {', '.join(unknown) or 'nothing given'} is not a task kind; "
+                         f"choose from {', '.join(DEFAULT_THINK_MODES)}, each optionally with +think")
+    for entry in entries:
+        kind = entry.removesuffix("+think")
+        wanted = (True,) if entry.endswith("+think") else DEFAULT_THINK_MODES[kind]
+        modes[kind] = tuple(sorted(set(modes.get(kind, ())) | set(wanted)))
+    return modes
+
+
 def _eval(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise SystemExit("error: -n must be at least 1")
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else list(DEFAULT_THINK_MODES)
-    unknown = [k for k in kinds if k not in DEFAULT_THINK_MODES]
-    if unknown or not kinds:
-        raise SystemExit(f"error: --kinds: {', '.join(unknown) or 'nothing given'} is not a task kind; "
-                         f"choose from {', '.join(DEFAULT_THINK_MODES)}")
+    think_modes = think_modes_for(args.kinds)
     runner = oracle_runner if args.oracle else model_runner(args.model)
-    evaluate(runner, n=args.n, seed=args.seed, think_modes={k: DEFAULT_THINK_MODES[k] for k in kinds},
-             out_json=args.out)
+    evaluate(runner, n=args.n, seed=args.seed, think_modes=think_modes, out_json=args.out)
 
 
 def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._SubParsersAction | None = None) -> None:
@@ -92,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._
     p.add_argument("-n", type=int, default=20, help="tasks per category and think mode (default 20)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
     p.add_argument("--kinds", default=None,
-                   help="comma-separated task kinds to score (default: all; e.g. question,reason_question). "
+                   help="comma-separated task kinds to score (default: all; e.g. question,reason_question); "
+                        "KIND+think scores that kind in thinking mode only (e.g. generate+think). "
                         "A subset draws a different task stream than the full set for the same seed")
     p.add_argument("--out", default=None, help="write the report as JSON to this file")
     p.add_argument("--oracle", action="store_true", help="answer with the expected results (scores 100%%)")
