@@ -158,6 +158,14 @@ def test_cli_eval_kinds_think_suffix_scores_the_thinking_mode():
         think_modes_for("chat+thinking")
 
 
+def test_generate_think_draws_the_same_tasks_as_the_full_set():
+    """`--kinds generate+think` is the full set's text-to-image tasks in thinking mode (text-to-image comes first)."""
+    from openbagel.shapes.evaluate import eval_tasks
+    thinking, modes = eval_tasks(2, 0, {"generate": (True,)})
+    full, _ = eval_tasks(2, 0, DEFAULT_THINK_MODES)
+    assert all(modes) and thinking == full[:len(thinking)]
+
+
 def test_cli_eval_generate_think_reports_thinking_rows(tmp_path):
     from openbagel.shapes.cli import main
     main(["eval", "shapes", "--oracle", "-n", "1", "--kinds", "generate+think", "--out", str(tmp_path / "r.json")])
