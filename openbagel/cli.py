@@ -322,6 +322,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"4. think+edit {ex.text!r}\n   thought: {_thought(out)}\n   {_save(ex.image, out_dir / '4_think_input.png')}"
           f" -> {_save(out.images[0], out_dir / '4_think_edit.png')}")
 
+    prompt = shapes_examples("generate:position", 1, seed)[0].text  # a partial prompt: the plan fills in the rest
+    out = pipe.generate(prompt, think=True, seed=seed, **settings)
+    print(f"5. think+draw {prompt!r}\n   thought: {_thought(out)}\n"
+          f"   -> {_save(out.images[0], out_dir / '5_think_generate.png')}")
+
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     try:
@@ -423,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "openbagel info --model models/BAGEL-7B-MoT", model=False)
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
 
-    p = command("demo", cmd_demo, "The tour: draw, edit, answer a question and make a thinking edit, "
+    p = command("demo", cmd_demo, "The tour: draw, edit, answer a question, make a thinking edit and plan a "
+                "drawing, "
                 "with Shapes-world examples; writes the images into --out.", "openbagel demo --out demo/")
     p.add_argument("--out", default="demo", help="output folder (default demo/)")
     add_sampler_args(p, edit=True)

@@ -113,8 +113,8 @@ def test_demo(shared_pipeline, tmp_path, capsys):
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "demo").glob("*.png"))
     assert names == ["1_generate.png", "2_edit.png", "2_edit_input.png", "3_question_input.png", "4_think_edit.png",
-                     "4_think_input.png"]
-    assert "thought:" in stdout and str(tmp_path / "demo" / "4_think_edit.png") in stdout
+                     "4_think_input.png", "5_think_generate.png"]
+    assert stdout.count("thought:") == 2 and str(tmp_path / "demo" / "4_think_edit.png") in stdout
 
 
 @pytest.mark.parametrize("argv, message", [

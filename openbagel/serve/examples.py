@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..shapes.render import render
-from ..shapes.tasks import make_task
+from ..shapes.tasks import make_task, parse_kind
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class Example:
 
 
 def shapes_examples(kind: str, n: int = 3, seed: int = 0) -> list[Example]:
-    """`n` examples of a Shapes task kind (generate, edit, reason_edit, question, reason_question)."""
+    """`n` examples of a Shapes task kind (generate, edit, reason_edit, question, reason_question), or of one
+    sub-kind (`generate:position`)."""
     rng = random.Random(f"{kind}:{seed}")
-    tasks = [make_task(rng, kind) for _ in range(n)]
+    tasks = [make_task(rng, *parse_kind(kind)) for _ in range(n)]
     return [Example(t.text, render(t.source) if t.source is not None else None) for t in tasks]
