@@ -113,6 +113,8 @@ def test_examples_run_in_each_tab(page, shots, tab, button, output):
     page.get_by_role("tab", name=tab).click()
     panel = page.get_by_role("tabpanel")
     panel.locator("[data-testid='dataset-cell-0-0']").click()  # the first example fills the inputs
+    # Gradio loads the example's image asynchronously: a click before it arrives sends no image.
+    page.locator(f"#{tab.lower()}-source img").wait_for(state="visible")
     panel.get_by_role("button", name=button, exact=True).click()
     result = page.locator(output)
     if tab == "Understand":

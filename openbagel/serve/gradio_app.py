@@ -157,7 +157,8 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
         with gr.Tab("Edit", id="edit"):
             with gr.Row():
                 with gr.Column():
-                    source = gr.Image(label="Image to edit", type="pil", format="png", height=256)
+                    source = gr.Image(label="Image to edit", type="pil", format="png", height=256,
+                                      elem_id="edit-source")
                     instruction = gr.Textbox(label="Instruction", placeholder="make the circle green", lines=2)
                     edit_think = gr.Checkbox(False, label="Thinking")
                     edit_button = gr.Button("Edit", variant="primary")
@@ -185,7 +186,8 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
         with gr.Tab("Understand", id="understand"):
             with gr.Row():
                 with gr.Column():
-                    picture = gr.Image(label="Image (optional)", type="pil", format="png", height=256)
+                    picture = gr.Image(label="Image (optional)", type="pil", format="png", height=256,
+                                       elem_id="understand-source")
                     question = gr.Textbox(label="Question", placeholder="what color is the square?", lines=2)
                     ask_think = gr.Checkbox(False, label="Thinking")
                     ask_button = gr.Button("Ask", variant="primary")
@@ -212,7 +214,8 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
             session = gr.State(None)
             with gr.Row():
                 with gr.Column():
-                    start = gr.Image(label="Starting image", type="pil", format="png", height=256)
+                    start = gr.Image(label="Starting image", type="pil", format="png", height=256,
+                                     elem_id="chat-source")
                     turn = gr.Textbox(label="Instruction", placeholder="each instruction edits the latest image",
                                       lines=2)
                     chat_think = gr.Checkbox(False, label="Thinking", info="set when a session starts")
