@@ -128,7 +128,9 @@ def _fit(ae: AutoEncoder, params: list, recipe: AutoencoderRecipe, steps: int, l
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         y = ae.decoder(z)
         fg = foreground(x)
-        w = 1.0 + recipe.foreground_weight * fg + outline_weight * outline(fg)
+        w = 1.0 + recipe.foreground_weight * fg
+        if outline_weight:  # the polish only; the main training skips the two pooling passes
+            w = w + outline_weight * outline(fg)
         err = y - x
         loss = ((err.abs() + err.pow(2)) * w).sum() / (w.sum() * 3) + recipe.mean_penalty * mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
