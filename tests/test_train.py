@@ -253,6 +253,9 @@ def test_every_recipe_builds_a_valid_config():
         assert cfg.steps > 0, name
     scratch = get_recipe("shapes-tiny-gpu-scratch")
     assert scratch.init_from is None and scratch.tokenizer is None and scratch.vae_from  # BPE trained, shipped AE
+    cooldown, base = get_recipe("shapes-tiny-gpu-cooldown"), get_recipe("shapes-tiny-gpu")
+    assert cooldown.optim.schedule == "cosine" and cooldown.optim.min_lr < base.optim.lr / 10
+    assert cooldown.data == base.data and cooldown.packing == base.packing  # only the schedule changes
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("shapes-huge")
 
