@@ -1,6 +1,7 @@
 """Step caching on the embedded model, judged by the Shapes world: scores and time with it off and on.
 
-Usage: python benchmarks/step_cache_shapes.py [-n 8] [--interval 2] [--order 1] [--warmup 2] [--final 1] [--model DIR]
+Usage: python benchmarks/step_cache_shapes.py [-n 8] [--interval 2] [--order 1] [--warmup 2] [--final 1]
+                                               [--kinds generate,edit] [--model DIR]
 The same held-out tasks (same seed) run twice through the batch path: the default denoising loop,
 then with `engine.step_cache` set. It prints every image category's score for both, the difference in
 points, and the wall time of each whole evaluation (generation + scoring). The issue's bar: scores
@@ -36,10 +37,16 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2, help="first steps always computed")
     parser.add_argument("--final", type=int, default=1, help="last steps always computed")
+    parser.add_argument("--kinds", default=",".join(THINK_MODES),
+                        help="comma-separated task kinds to score (default: every image kind)")
     parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/step_cache_shapes.json")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if unknown := sorted(set(kinds) - set(THINK_MODES)):
+        parser.error(f"unknown kinds {unknown}; choose from {sorted(THINK_MODES)}")
+    think_modes = {kind: THINK_MODES[kind] for kind in kinds}
     torch.set_num_threads(args.threads)
     pipe = BagelPipeline.from_pretrained(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -48,7 +55,7 @@ def main() -> None:
                                                                warmup=args.warmup, final=args.final))):
         pipe.engine.step_cache = cache
         start = time.perf_counter()
-        metrics = evaluate(pipeline_runner(pipe), n=args.n, seed=args.seed, think_modes=THINK_MODES)["metrics"]
+        metrics = evaluate(pipeline_runner(pipe), n=args.n, seed=args.seed, think_modes=think_modes)["metrics"]
         runs[name] = {"metrics": metrics, "seconds": time.perf_counter() - start}
     pipe.engine.step_cache = None
     rows = []
@@ -61,7 +68,7 @@ def main() -> None:
         rows.append({"metric": key, "off": round(off * scale, 2), "on": round(on * scale, 2),
                      "difference": round((on - off) * scale, 2)})
     report(rows, ["metric", "off", "on", "difference"], args.out,
-           {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "interval": args.interval,
+           {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "kinds": kinds, "interval": args.interval,
             "order": args.order, "warmup": args.warmup, "final": args.final, **environment(args.threads)})
 
 
