@@ -20,8 +20,8 @@ SCENE = Scene("black", (Obj("circle", "red", "large", "top left"), Obj("square",
                         Obj("triangle", "green", "large", "bottom right")))
 EDITS = ["change the background to white", "remove the blue square", "make the red circle yellow",
          "move the red circle to the top right"]
-QUESTIONS = [("what color is the object at the center?", "blue"), ("how many objects are there?", "3"),
-             ("where is the blue square?", "center")]
+QUESTIONS = [("what color is the square at the center?", "blue"), ("how many shapes are there?", "3"),
+             ("where is the blue square?", "center")]  # the spec's question templates (shapes-world.md 3.5)
 
 
 def main() -> None:
