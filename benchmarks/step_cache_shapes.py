@@ -68,8 +68,9 @@ def main() -> None:
         rows.append({"metric": key, "off": round(off * scale, 2), "on": round(on * scale, 2),
                      "difference": round((on - off) * scale, 2)})
     report(rows, ["metric", "off", "on", "difference"], args.out,
-           {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "kinds": kinds, "interval": args.interval,
-            "order": args.order, "warmup": args.warmup, "final": args.final, **environment(args.threads)})
+           {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "kinds": kinds,
+            "interval": args.interval, "order": args.order, "warmup": args.warmup, "final": args.final,
+            **environment(args.threads)})
 
 
 if __name__ == "__main__":
