@@ -22,11 +22,12 @@ from common import environment, report  # noqa: E402
 
 from openbagel.inference.pipeline import BagelPipeline  # noqa: E402
 from openbagel.inference.step_cache import StepCacheConfig  # noqa: E402
+from openbagel.shapes.cli import think_modes_for  # noqa: E402
 from openbagel.shapes.evaluate import evaluate, pipeline_runner  # noqa: E402
 
 IMAGE_CATEGORIES = ("generate/full", "generate/partial_mean", "edit/mean", "edit/psnr_db",
                     "reason_edit+think/mean", "chat/all_turns")
-THINK_MODES = {"generate": (False,), "edit": (False,), "reason_edit": (True,), "chat": (False,)}
+IMAGE_KINDS = "generate,edit,reason_edit+think,chat"
 
 
 def main() -> None:
@@ -37,16 +38,13 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2, help="first steps always computed")
     parser.add_argument("--final", type=int, default=1, help="last steps always computed")
-    parser.add_argument("--kinds", default=",".join(THINK_MODES),
-                        help="comma-separated task kinds to score (default: every image kind)")
+    parser.add_argument("--kinds", default=IMAGE_KINDS,
+                        help=f"task kinds to score, as `openbagel eval shapes --kinds` (default: {IMAGE_KINDS})")
     parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/step_cache_shapes.json")
     args = parser.parse_args()
-    kinds = args.kinds.split(",")
-    if unknown := sorted(set(kinds) - set(THINK_MODES)):
-        parser.error(f"unknown kinds {unknown}; choose from {sorted(THINK_MODES)}")
-    think_modes = {kind: THINK_MODES[kind] for kind in kinds}
+    think_modes = think_modes_for(args.kinds)
     torch.set_num_threads(args.threads)
     pipe = BagelPipeline.from_pretrained(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -68,7 +66,7 @@ def main() -> None:
         rows.append({"metric": key, "off": round(off * scale, 2), "on": round(on * scale, 2),
                      "difference": round((on - off) * scale, 2)})
     report(rows, ["metric", "off", "on", "difference"], args.out,
-           {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "kinds": kinds,
+           {"benchmark": "step_cache_shapes", "n": args.n, "seed": args.seed, "kinds": args.kinds.split(","),
             "interval": args.interval, "order": args.order, "warmup": args.warmup, "final": args.final,
             **environment(args.threads)})
 

@@ -429,8 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
 
     p = command("demo", cmd_demo, "The tour: draw, edit, answer a question, make a thinking edit and plan a "
-                "drawing, "
-                "with Shapes-world examples; writes the images into --out.", "openbagel demo --out demo/")
+                "drawing, with Shapes-world examples; writes the images into --out.", "openbagel demo --out demo/")
     p.add_argument("--out", default="demo", help="output folder (default demo/)")
     add_sampler_args(p, edit=True)
 
