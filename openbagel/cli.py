@@ -243,7 +243,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     api_key = args.api_key or os.environ.get("OPENBAGEL_API_KEY") or None
     serve(load_pipeline(args), host=args.host, port=args.port, api_key=api_key, sessions_db=args.sessions_db,
-          queue_size=args.queue_size, timeout_s=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20))
+          queue_size=args.queue_size, timeout_s=args.timeout, max_body_bytes=int(args.max_body_mb * 2**20),
+          allowed_origins=args.allowed_origins)
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -414,10 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set OPENBAGEL_API_KEY)")
-    p.add_argument("--sessions-db", default="openbagel-sessions.sqlite3", help="SQLite file for editing sessions")
-    p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="requests that may wait; more get 429")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a request gets 504")
-    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body in MB")
+    p.add_argument("--sessions-db", default="openbagel-sessions.sqlite3",
+                   help="SQLite file for editing sessions (default: %(default)s)")
+    p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
+                   help="requests that may wait for the model besides the running one; more get 429 "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds before a request gets 504 (default: %(default)g)")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
+                   help="largest request body in MB (default: %(default)g)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="let browser pages on these origins call the API (CORS), e.g. http://localhost:3000, "
+                        "or '*' for any (default: none)")
 
     p = command("download", cmd_download, "Download a checkpoint from the Hugging Face hub into a folder.",
                 "openbagel download ByteDance-Seed/BAGEL-7B-MoT --out models/BAGEL-7B-MoT", model=False)

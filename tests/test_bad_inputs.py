@@ -132,6 +132,7 @@ BAD_CALLS = {
     "very-long-prompt": ("generate", ("x" * 32_001,), {}, "32001 characters; the limit is 32000"),
     "non-utf8-prompt": ("generate", (b"\xff\xfe red circle",), {}, "not valid UTF-8"),
     "nul-in-prompt": ("generate", ("a red\x00circle",), {}, "contains a NUL character"),
+    "lone-surrogate": ("generate", ("a red \ud800 circle",), {}, "unpaired surrogate ('\\ud800') at character 6"),
     "prompt-not-a-string": ("generate", (42,), {}, "must be a string, got int"),
     "empty-question": ("understand", (None, "   "), {}, "the question is empty"),
     "size-not-multiple-of-stride": ("generate", ("x",), {"height": 65}, "multiple of 16 between 16 and 256, got 65"),

@@ -115,6 +115,21 @@ def test_think_mode_generates_a_thought_first(tiny_pipeline, source):
     assert out.raw_text is not None and calls
     assert split_thought("<think>the circle is red. so: make it blue</think> done") == (
         "the circle is red. so: make it blue", "done")
+    assert split_thought("<think>the circle is re") == ("the circle is re", "")  # cut by the token limit
+    assert split_thought("blue") == (None, "blue")
+
+
+def test_decoding_reports_why_it_stopped_and_its_tokens(tiny_pipeline, source):
+    """finish_reason is "length" exactly when the token limit ended the text; the counts are the context
+    the answer read and the tokens written."""
+    for limit in (1, 3, 40):
+        out = tiny_pipeline.understand(source, "what color is the circle?", max_new_tokens=limit, seed=0)
+        assert 0 <= out.completion_tokens <= limit
+        assert out.finish_reason == ("length" if out.completion_tokens == limit else "stop")
+        assert out.prompt_tokens > 0 and "<think>" not in out.text
+    drawn = tiny_pipeline.edit(source, "make the circle blue", think=True, max_think_tokens=2, seed=0, **FAST)
+    assert drawn.completion_tokens <= 2 and drawn.finish_reason in ("stop", "length")
+    assert tiny_pipeline.edit(source, "make the circle blue", seed=0, **FAST).finish_reason is None  # no text
 
 
 def test_cfg_interval_controls_guidance_forwards(tiny_pipeline):

@@ -62,7 +62,7 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     proc, url = start_server(tiny_checkpoint, tmp_path_factory.mktemp("db") / "sessions.sqlite3",
-                             "--max-body-mb", "1")
+                             "--max-body-mb", "1", "--allowed-origins", "http://localhost:3000")
     yield url
     stop(proc)
 
@@ -97,8 +97,20 @@ def decode(b64: str) -> Image.Image:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-random"]
+    assert client.models.retrieve("tiny-random").id == "tiny-random"
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("gpt-4o")
+    assert exc.value.body["code"] == "model_not_found" and "tiny-random" in exc.value.body["message"]
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["queue_size"] == 16
+
+
+def test_cors_preflight_for_allowed_origins_only(server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(f"{server}/v1/chat/completions", headers={"Origin": "http://localhost:3000", **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+    other = httpx.options(f"{server}/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_image_generation(client):
@@ -134,6 +146,14 @@ def test_image_edit_without_mask_and_bad_mask(client):
     result = client.images.edit(model="m", image=("scene.png", png(scene()), "image/png"), prompt="remove the circle",
                                 extra_body=FAST)
     assert decode(result.data[0].b64_json).size == (64, 64)
+    odd = scene().resize((48, 80))  # the model draws 32x64 (its stride): the answer comes back at 48x80
+    result = client.images.edit(model="m", image=("odd.png", png(odd), "image/png"), prompt="remove the circle",
+                                extra_body={"cfg_interval": [0.0, 1.0], **FAST})  # a list: sent as cfg_interval[]
+    assert decode(result.data[0].b64_json).size == (48, 80) and result.size == "48x80"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.edit(model="m", image=[("a.png", png(scene()), "image/png"), ("b.png", png(odd), "image/png")],
+                           prompt="x", extra_body=FAST)
+    assert exc.value.body["code"] == "too_many_images"
     with pytest.raises(openai.BadRequestError) as exc:
         client.images.edit(model="m", image=("scene.png", png(scene()), "image/png"), prompt="x",
                            mask=("mask.png", png(Image.new("RGB", (64, 64))), "image/png"), extra_body=FAST)
@@ -145,16 +165,40 @@ def test_chat_with_an_image(client):
         {"type": "image_url", "image_url": {"url": data_url(scene())}},
         {"type": "text", "text": "what color is the circle?"}]}])
     assert reply.object == "chat.completion" and isinstance(reply.choices[0].message.content, str)
+    assert reply.choices[0].message.reasoning_content is None  # present as null, not left out
+    usage = reply.usage
+    assert usage.prompt_tokens > 64 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # finish_reason says whether the model ended the answer or max_tokens cut it
+    assert reply.choices[0].finish_reason == ("length" if usage.completion_tokens == 8 else "stop")
+    cut = client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    assert cut.usage.completion_tokens <= 1
+    assert cut.choices[0].finish_reason == ("length" if cut.usage.completion_tokens == 1 else "stop")
+
+
+def test_chat_n_choices_and_a_bare_image_url(client):
+    reply = client.chat.completions.create(model="m", max_tokens=4, n=2, seed=5, temperature=1.0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": data_url(scene())},
+                                     {"type": "text", "text": "what color is the circle?"}]}])
+    assert [c.index for c in reply.choices] == [0, 1]
+    again = client.chat.completions.create(model="m", max_tokens=4, seed=6, temperature=1.0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": data_url(scene())},
+                                     {"type": "text", "text": "what color is the circle?"}]}])
+    assert again.choices[0].message.content == reply.choices[1].message.content  # choice i has seed + i
 
 
 def test_chat_streams_the_thought_and_answer(client):
     stream = client.chat.completions.create(model="m", max_tokens=12, stream=True, messages=[
-        {"role": "user", "content": "describe a red circle."}], extra_body={"think": True})
+        {"role": "user", "content": "describe a red circle."}], extra_body={"think": True},
+        stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason == "stop"
-    streamed = [c.choices[0].delta for c in chunks[1:-1]]
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason == ("length" if usage.completion_tokens == 12 else "stop")
+    streamed = [c.choices[0].delta for c in chunks[1:-2]]
     assert streamed and all((d.content or getattr(d, "reasoning_content", None)) for d in streamed)
+    assert not any("<think>" in (d.content or "") for d in streamed)
 
 
 def test_chat_draws_and_edits_when_asked_for_an_image(client):
@@ -185,6 +229,15 @@ def test_chat_draws_and_edits_when_asked_for_an_image(client):
      "not fetched"),
     (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]), "base64"),
+    (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tool (function) calling"),
+    (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]), "not supported"),
+    (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=True),
+     "n"),
+    (lambda c: c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                         extra_body={"stream": "yes"}), "stream"),
+    (lambda c: c.images.generate(model="m", prompt="x", n=2, extra_body={"seed": 2**63 - 1}), "below 2**63"),
 ])
 def test_bad_requests_get_openai_error_objects(client, call, param_or_text):
     with pytest.raises(openai.BadRequestError) as exc:
@@ -197,6 +250,14 @@ def test_bad_requests_get_openai_error_objects(client, call, param_or_text):
 
 def test_auth_limits_and_unknown_paths(server):
     assert httpx.get(f"{server}/v1/models").status_code == 401
+    json_body = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for path, body in [("chat/completions", b'{"messages": [{"role": "user", "content": "a red \\ud800 circle"}]}'),
+                       ("images/generations", b'{"prompt": "a red \\ud800 circle"}')]:  # valid JSON, not Unicode
+        lone = httpx.post(f"{server}/v1/{path}", headers=json_body, content=body)
+        assert lone.status_code == 400 and "unpaired surrogate" in lone.json()["error"]["message"]
+    unauthenticated_garbage = httpx.post(f"{server}/v1/images/generations", content=b"{not json",
+                                         headers={"Content-Type": "application/json"})
+    assert unauthenticated_garbage.status_code == 401  # the key is checked before the body is read
     wrong = httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -229,13 +290,15 @@ def test_queue_is_bounded_and_times_out():
         worker = ModelWorker(queue_size=1, timeout_s=0.5)
         gate = threading.Event()
         job = worker.start(lambda job: gate.wait(5))
+        waiting = worker.start(lambda job: None)  # queue_size 1: one request may wait behind the running one
         with pytest.raises(APIError) as full:
             worker.start(lambda job: None)
         assert full.value.status == 429 and int(full.value.headers["Retry-After"]) >= 1
         with pytest.raises(APIError) as late:
             await worker.result(job, _Req())
         assert late.value.status == 504 and job.cancelled.is_set()
-        assert worker.pending == 0  # the slot is free again
+        worker.release(waiting)
+        assert worker.pending == 0  # the slots are free again
         gate.set()
         assert await worker.call(_Req(), lambda job: 42) == 42
         worker.shutdown()

@@ -131,6 +131,9 @@ def test_scene_equality_is_a_set_and_json_round_trips(tmp_path):
      "objects[0].size: 'huge'"),
     ({"background": "black", "objects": [{"shape": "circle", "color": "red", "size": "small", "cell": "top"}] * 2},
      "objects: two objects share a cell (top)"),
+    ({"background": ["black"], "objects": []}, "background: ['black'] is not one of"),  # unhashable values
+    ({"background": "black", "objects": [{"shape": "circle", "color": {"r": 1}, "size": "large", "cell": "top"}]},
+     "objects[0].color: {'r': 1} is not one of"),
 ])
 def test_bad_scenes_name_the_field(data, message):
     with pytest.raises(ValueError) as err:

@@ -233,6 +233,12 @@ class Engine:
 
     # ----- text decoding ---------------------------------------------------------------------------
 
+    def token_budget(self, cache: KVCache, params: TextParams) -> int:
+        """How many tokens `decode` may write: max_new_tokens, fewer where the model's positions run out.
+        A row that wrote this many tokens without the end token was cut short."""
+        room = self.cfg.llm.max_position_embeddings - int(cache.rope.max()) - 1
+        return min(params.max_new_tokens, max(room, 0))
+
     @torch.no_grad()
     def decode(self, cache: KVCache, params: TextParams, generators: list[torch.Generator | None] | None = None,
                on_tokens: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
@@ -247,8 +253,7 @@ class Engine:
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         token = torch.full((B,), self.bos_id, dtype=torch.long, device=self.device)
         one = torch.ones(B, dtype=torch.long, device=self.device)
-        room = self.cfg.llm.max_position_embeddings - int(cache.rope.max()) - 1
-        for _ in range(min(params.max_new_tokens, max(room, 0))):
+        for _ in range(self.token_budget(cache, params)):
             x = self.model.embed_text(token[:, None])
             hidden = self._forward_block(cache, x, one, causal=True, gen_mask=None, commit=True, advance=one)
             logits = self.model.language_model.lm_head(hidden[:, -1]).float()

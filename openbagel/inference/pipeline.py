@@ -47,6 +47,9 @@ class BagelOutput:
     text: str | None = None  # the answer (understanding), without the thought
     thought: str | None = None  # the text inside <think>...</think>
     raw_text: str | None = None  # everything the model wrote
+    finish_reason: str | None = None  # text decoding: "stop" (end token) or "length" (token limit reached)
+    prompt_tokens: int | None = None  # context tokens the decoded text read (image tokens included)
+    completion_tokens: int | None = None  # tokens the model wrote (the thought included)
 
 
 @dataclass
@@ -65,11 +68,17 @@ class Request:
 
 
 def split_thought(text: str) -> tuple[str | None, str]:
-    """('thought', 'answer') from '<think>thought</think> answer'."""
+    """('thought', 'answer') from '<think>thought</think> answer'.
+
+    A thought cut short by the token limit ('<think>so: make' with no end tag) is all thought, no answer.
+    """
     m = THINK_RE.search(text)
-    if not m:
-        return None, text.strip()
-    return m.group(1).strip(), text[m.end():].strip()
+    if m:
+        return m.group(1).strip(), text[m.end():].strip()
+    head = text.lstrip()
+    if head.startswith("<think>"):
+        return head.removeprefix("<think>").strip(), ""
+    return None, text.strip()
 
 
 class BagelPipeline:
@@ -224,12 +233,7 @@ class BagelPipeline:
         eng.prefill_text(ctx, [self._system_block(p, "understanding") for p in batch])
         eng.prefill_vit_images(ctx, [p.vit_image for p in batch])
         eng.prefill_text(ctx, [tok.text_block(p.text) for p in batch])
-        texts = self._decode(ctx, batch, list(range(len(batch))), on_text)
-        outs = []
-        for p, raw in zip(batch, texts):
-            thought, answer = split_thought(raw) if p.req.think else (None, raw.strip())
-            outs.append(BagelOutput(text=answer, thought=thought, raw_text=raw))
-        return outs
+        return [d.output() for d in self._decode(ctx, batch, list(range(len(batch))), on_text)]
 
     # ----- generation and editing ------------------------------------------------------------------
 
@@ -237,19 +241,19 @@ class BagelPipeline:
         state = DrawState.start(self, batch)
         state.add_images([p.vae_image for p in batch], [p.vit_image for p in batch], [p.generator for p in batch])
         thoughts = state.add_turn_text([p.text for p in batch], on_text)
-        latents = state.generate(callback)
-        return [BagelOutput(images=[img], thought=th, raw_text=raw)
-                for img, (th, raw) in zip(latents, thoughts)]
+        return [Decoded.image_output(img, d) for img, d in zip(state.generate(callback), thoughts)]
 
     def _system_block(self, p: "_Prepared", kind: str) -> list[int]:
         return self.tokenizer.text_block(self.config.think_system_prompts[kind]) if p.req.think else []
 
-    def _decode(self, ctx: KVCache, batch: list["_Prepared"], rows: list[int], on_text) -> list[str]:
+    def _decode(self, ctx: KVCache, batch: list["_Prepared"], rows: list[int], on_text) -> list["Decoded"]:
         """Decode text from the given rows of a forked context; streams partial text to `on_text`."""
         if not rows:
             return []
         sub = ctx.select(rows)
+        prompt_tokens = sub.lengths().tolist()
         params = batch[rows[0]].settings.text
+        budget = self.engine.token_budget(sub, params)
         gens = [batch[r].generator for r in rows]
         tok = self.tokenizer
 
@@ -261,7 +265,36 @@ class BagelPipeline:
                         on_text(r, text)
 
         ids = self.engine.decode(sub, params, gens, stream if on_text is not None else None)
-        return [tok.decode(seq) for seq in ids]
+        return [Decoded(tok.decode(seq), "length" if len(seq) >= budget else "stop", n, len(seq))
+                for seq, n in zip(ids, prompt_tokens)]
+
+
+@dataclass
+class Decoded:
+    """One decoded text and how decoding ended (OpenAI's finish_reason and usage need both)."""
+
+    raw: str
+    finish_reason: str  # "stop": the model ended it; "length": the token limit did
+    prompt_tokens: int
+    completion_tokens: int
+
+    def output(self) -> BagelOutput:
+        """An understanding answer. A thought is split off even when none was asked for: the answer
+        never carries `<think>` tags."""
+        thought, answer = split_thought(self.raw)
+        return BagelOutput(text=answer, thought=thought, raw_text=self.raw, finish_reason=self.finish_reason,
+                           prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+
+    @staticmethod
+    def image_output(image: Image.Image, thought: "Decoded | str | None") -> BagelOutput:
+        """A drawn image with the thought written before it (decoded now, replayed, or none)."""
+        if thought is None:
+            return BagelOutput(images=[image])
+        if isinstance(thought, str):
+            return BagelOutput(images=[image], thought=split_thought(thought)[0], raw_text=thought)
+        return BagelOutput(images=[image], thought=split_thought(thought.raw)[0], raw_text=thought.raw,
+                           finish_reason=thought.finish_reason, prompt_tokens=thought.prompt_tokens,
+                           completion_tokens=thought.completion_tokens)
 
 
 @dataclass
@@ -312,9 +345,10 @@ class DrawState:
                 self.shapes[b] = (v.shape[1], v.shape[2])
 
     def add_turn_text(self, texts: list[str], on_text=None, replay_thoughts: list[str | None] | None = None
-                      ) -> list[tuple[str | None, str | None]]:
+                      ) -> list[Decoded | str | None]:
         """The user's text goes to gen and cfg_img; with think, the thought then goes to gen only.
 
+        Returns each row's thought: decoded now, the replayed text, or None without think.
         `replay_thoughts` feeds previously generated thoughts instead of decoding (session restore).
         """
         eng, tok = self.pipe.engine, self.pipe.tokenizer
@@ -322,16 +356,16 @@ class DrawState:
         blocks = [tok.text_block(t) for t in texts]
         eng.prefill_text(self.ctx, blocks + blocks)
         think_rows = [b for b, p in enumerate(self.batch) if p.req.think]
+        thoughts: list[Decoded | str]
         if replay_thoughts is not None:
-            raws = [replay_thoughts[b] or "" for b in think_rows]
+            thoughts = [replay_thoughts[b] or "" for b in think_rows]
         else:
-            raws = self.pipe._decode(self.ctx, self.batch, think_rows, on_text)
-        out: list[tuple[str | None, str | None]] = [(None, None)] * self.B
+            thoughts = self.pipe._decode(self.ctx, self.batch, think_rows, on_text)
+        out: list[Decoded | str | None] = [None] * self.B
         think_blocks: list[list[int]] = [[] for _ in range(2 * self.B)]
-        for b, raw in zip(think_rows, raws):
-            thought, _ = split_thought(raw)
-            out[b] = (thought, raw)
-            think_blocks[b] = tok.text_block(raw)
+        for b, thought in zip(think_rows, thoughts):
+            out[b] = thought
+            think_blocks[b] = tok.text_block(thought if isinstance(thought, str) else thought.raw)
             self.img_same[b] = False
         if think_rows:
             eng.prefill_text(self.ctx, think_blocks)
@@ -416,6 +450,11 @@ def _check_text(text: Any, name: str) -> str:
         raise InputError(f"the {name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     if "\x00" in text:
         raise InputError(f"the {name} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate, e.g. JSON's "\ud800"
+        raise InputError(f"the {name} contains an unpaired surrogate ({text[exc.start]!a}) at character "
+                         f"{exc.start}; send valid Unicode text") from None
     return text
 
 

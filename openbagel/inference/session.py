@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..processing import resize, to_rgb, to_tensor
-from .pipeline import BagelOutput, DrawState, InputError, Request
+from .pipeline import BagelOutput, Decoded, DrawState, InputError, Request
 
 if TYPE_CHECKING:
     from .pipeline import BagelPipeline
@@ -76,7 +76,7 @@ class Conversations:
             images, raw = replay
             thoughts = self.state.add_turn_text(texts, replay_thoughts=raw)
         self._add_context_images([to_tensor(to_rgb(img)) for img in images], [self._vit_tensor(img) for img in images])
-        return [BagelOutput(images=[img], thought=th, raw_text=raw) for img, (th, raw) in zip(images, thoughts)]
+        return [Decoded.image_output(img, thought) for img, thought in zip(images, thoughts)]
 
     def _vit_tensor(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(resize(to_rgb(image), self.pipe.config.vit_transform))

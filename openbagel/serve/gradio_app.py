@@ -146,7 +146,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                 for text, out in _stream(lambda on_text: pipe.generate(
                         prompt, think=think, height=height, width=width, seed=_seed(seed), on_text=on_text,
                         **controls.settings(values))):
-                    yield (gr.update(), split_partial(text, True)[0]) if out is None else (out.images[0], _thought(out))
+                    yield (gr.update(), split_partial(text)[0]) if out is None else (out.images[0], _thought(out))
 
             think.change(lambda t: gr.update(visible=t), think, thought)
             gr.on([button.click, prompt.submit], generate,
@@ -175,7 +175,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                 for text, out in _stream(lambda on_text: pipe.edit(
                         image, instruction, think=think, seed=_seed(seed), on_text=on_text,
                         **edit_controls.settings(values))):
-                    yield (gr.update(), split_partial(text, True)[0]) if out is None else (out.images[0], _thought(out))
+                    yield (gr.update(), split_partial(text)[0]) if out is None else (out.images[0], _thought(out))
 
             edit_think.change(lambda t: gr.update(visible=t), edit_think, edit_thought)
             gr.on([edit_button.click, instruction.submit], edit,
@@ -202,7 +202,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                 for text, out in _stream(lambda on_text: pipe.understand(
                         image, question, think=think, seed=_seed(seed), on_text=on_text,
                         **ask_controls.settings(values))):
-                    yield split_partial(text, think)[::-1] if out is None else (out.text, out.thought or "")
+                    yield split_partial(text)[::-1] if out is None else (out.text, out.thought or "")
 
             ask_think.change(lambda t: gr.update(visible=t), ask_think, ask_thought)
             gr.on([ask_button.click, question.submit], understand,
@@ -244,7 +244,7 @@ def build_demo(pipe: BagelPipeline) -> gr.Blocks:
                     s = pipe.session(image, think=think, seed=_seed(seed) or 0, **chat_controls.settings(values))
                 for text, out in _stream(lambda on_text: s.edit(instruction, on_text=on_text)):
                     if out is None:
-                        yield gr.update(), gr.update(), split_partial(text, True)[0], s, gr.update()
+                        yield gr.update(), gr.update(), split_partial(text)[0], s, gr.update()
                     else:
                         yield out.images[0], gallery(s), _thought(out), s, ""
 

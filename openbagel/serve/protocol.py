@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from .wire import MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, parse_size
 
@@ -26,8 +26,12 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 IGNORED_IMAGE_FIELDS = ("model", "quality", "style", "user", "background", "moderation", "output_compression",
                         "input_fidelity", "partial_images")
 IGNORED_CHAT_FIELDS = ("model", "user", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-                       "top_logprobs", "stream_options", "n", "metadata", "store", "service_tier", "audio",
-                       "reasoning_effort", "parallel_tool_calls", "response_format")
+                       "top_logprobs", "metadata", "store", "service_tier", "audio", "reasoning_effort",
+                       "parallel_tool_calls", "response_format")
+# OpenAI fields that ask for something BAGEL cannot do: refused with a message that says so.
+UNSUPPORTED_CHAT_FIELDS = {"tools": "tool (function) calling", "tool_choice": "tool (function) calling",
+                           "functions": "function calling", "function_call": "function calling",
+                           "prediction": "predicted outputs", "web_search_options": "web search"}
 
 
 class _Request(BaseModel):
@@ -37,7 +41,7 @@ class _Request(BaseModel):
     IGNORED: ClassVar[tuple[str, ...]] = ()
 
     seed: int | None = Field(None, ge=0, lt=2**63, description="random seed (random when omitted)")
-    think: bool = Field(False, description="let the model write a thought before it answers or draws")
+    think: StrictBool = Field(False, description="let the model write a thought before it answers or draws")
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -45,9 +49,16 @@ class _Request(BaseModel):
         return {k: v for k, v in (self.model_extra or {}).items() if k not in self.IGNORED}
 
     @classmethod
-    def from_form(cls, fields: dict[str, str]) -> _Request:
-        """Validate multipart text fields: extra settings arrive as text ('3', 'true', '[0.4, 1.0]')."""
-        return cls.model_validate({k: v if k in cls.model_fields else _form_value(v) for k, v in fields.items()})
+    def from_form(cls, fields: list[tuple[str, str]]) -> _Request:
+        """Validate multipart text fields: values arrive as text ('3', 'true', '[0.4, 1.0]'); a list may also
+        come as repeated `name[]` fields, the way the openai client and HTML forms send one."""
+        values: dict[str, Any] = {}
+        for key, text in fields:
+            if key.endswith("[]"):
+                values.setdefault(key[:-2], []).append(_form_value(text))
+            else:
+                values[key] = text if key in cls.model_fields else _form_value(text)
+        return cls.model_validate(values)
 
 
 class ImageGenerationRequest(_Request):
@@ -100,9 +111,21 @@ class ImageURL(BaseModel):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text", "image_url"]
+    type: str
     text: str | None = None
     image_url: ImageURL | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in ("text", "image_url"):
+            raise ValueError(f"content parts of type {value!r} are not supported; use 'text' and 'image_url'")
+        return value
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value  # vLLM accepts the URL as a bare string
 
     @model_validator(mode="after")
     def _has_payload(self) -> ContentPart:
@@ -117,6 +140,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, value: Any) -> Any:
+        """Check a list of parts here, so a bad part is reported as itself and not as 'not a string'."""
+        if not isinstance(value, list):
+            return value
+        try:
+            return [ContentPart.model_validate(part) for part in value]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(first["msg"].removeprefix("Value error, ")) from None
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
 
 class ChatCompletionRequest(_Request):
     """Answers the last user message with the latest image of the conversation (see docs/serving.md)."""
@@ -124,7 +163,9 @@ class ChatCompletionRequest(_Request):
     IGNORED = IGNORED_CHAT_FIELDS
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
-    stream: bool = False
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="choices, with seeds seed, seed + 1, ...")
     modalities: list[Literal["text", "image"]] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -134,6 +175,15 @@ class ChatCompletionRequest(_Request):
 
     def height_width(self) -> tuple[int | None, int | None]:
         return parse_size(self.size)
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        for name, what in UNSUPPORTED_CHAT_FIELDS.items():
+            if (self.model_extra or {}).get(name) is not None:
+                raise ValueError(f"{name}: {what} is not supported by this server; leave {name!r} out")
+        if self.stream and self.n > 1:
+            raise ValueError("n: stream=true sends one choice; leave n out or drop stream")
+        return self
 
     @property
     def wants_image(self) -> bool:
@@ -179,12 +229,25 @@ class Choice(BaseModel):
     finish_reason: Literal["stop", "length"] = "stop"
 
 
+class Usage(BaseModel):
+    """Tokens read (the prompt, image tokens included) and written (the thought included)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[Choice]
+    usage: Usage | None = None
 
 
 class Delta(BaseModel):
@@ -202,9 +265,10 @@ class ChunkChoice(BaseModel):
 class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int
     model: str
     choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 # ----- sessions (multi-turn editing; not an OpenAI API) ------------------------------------------------
@@ -290,10 +354,12 @@ def _form_value(text: str) -> Any:
         return text
 
 
-def split_partial(text: str, think: bool) -> tuple[str, str]:
-    """(thought so far, answer so far) of a partly decoded '<think>...</think> answer' text."""
-    if not think:
+def split_partial(text: str) -> tuple[str, str]:
+    """(thought so far, answer so far) of a partly decoded text; a thought is a leading '<think>...</think>',
+    asked for or not, so the answer never carries the tags."""
+    body = text.lstrip()
+    if not body.startswith("<think>"[:len(body)]):
         return "", text
-    head, sep, tail = text.partition("</think>")
-    thought = head.replace("<think>", "", 1).lstrip()
+    head, sep, tail = body.partition("</think>")
+    thought = head.removeprefix("<think>").lstrip()
     return (thought, tail.lstrip()) if sep else (thought, "")

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
@@ -44,6 +45,7 @@ from .sessions import SessionManager, SessionNotFound, SessionRecord, SessionSto
 
 log = logging.getLogger("openbagel.serve")
 SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{32}$")
+SHUTDOWN_GRACE_S = 7
 
 
 # ----- errors ----------------------------------------------------------------------------------------
@@ -68,6 +70,9 @@ def _validation_error(errors: list[dict]) -> APIError:
         return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
                         code="invalid_json")
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        return APIError(400, "the request body must be a JSON object (send it with Content-Type: application/json)",
+                        code="invalid_json")
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
@@ -105,6 +110,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("internal error")
         return APIError(500, f"internal error ({type(exc).__name__}); see the server log",
                         type="server_error", code="internal_error").response()
+
+
+class RequireKey:
+    """ASGI middleware: /v1 routes need 'Authorization: Bearer KEY', checked before the body is read."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode("latin-1"), self.key):
+                error = APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                                 type="authentication_error", code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -162,16 +183,21 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openbagel-model")
 
     def start(self, fn: Callable[[Job], Any]) -> Job:
-        """Queue `fn(job)`; 429 when the queue is full."""
-        if self.pending >= self.queue_size:
+        """Queue `fn(job)`; 429 when `queue_size` requests already wait behind the running one."""
+        if self.pending > self.queue_size:
             retry = max(1, round(self.mean_job_s * self.pending))
-            raise APIError(429, f"the server is busy ({self.pending} requests queued); retry in {retry} s",
+            raise APIError(429, f"the server is busy ({self.pending - 1} requests waiting); retry in {retry} s",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
         self.pending += 1
         job = Job()
         job.future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, job)
-        job.future.add_done_callback(lambda _: self.release(job))
+        job.future.add_done_callback(lambda future: self._finished(job, future))
         return job
+
+    def _finished(self, job: Job, future: asyncio.Future) -> None:
+        self.release(job)
+        if not future.cancelled():
+            future.exception()  # read it, so an abandoned job's JobCancelled is not logged as never retrieved
 
     def _run(self, fn: Callable[[Job], Any], job: Job) -> Any:
         job.check()  # skipped at once if cancelled while queued
@@ -241,8 +267,20 @@ def _images_response(outs: list[BagelOutput], body: P.ImageGenerationRequest) ->
 
 
 def _seeds(seed: int | None, n: int) -> list[int]:
+    """n seeds from `seed` up (the n images of one request differ; the same request repeats them)."""
     base = secrets.randbelow(2**31) if seed is None else seed
+    if base + n > 2**63:
+        raise APIError(400, f"seed + n - 1 must be below 2**63 (the seeds are seed, seed + 1, ...); got seed {base} "
+                       f"with n = {n}", param="seed", code="invalid_value")
     return [base + i for i in range(n)]
+
+
+def _at_input_size(out: BagelOutput, image: Image.Image) -> BagelOutput:
+    """An edit comes back at its input's size: the model works at its own resolution (a multiple of its
+    stride, within its limits), so the result is resized back (bicubic) when the two differ."""
+    if out.images[0].size != image.size:
+        out.images[0] = out.images[0].resize(image.size, Image.Resampling.BICUBIC)
+    return out
 
 
 def read_mask(mask_bytes: bytes, size: tuple[int, int]) -> Image.Image:
@@ -290,8 +328,10 @@ def _sse(chunk: Any) -> str:
 
 def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: str | None = None,
                sessions_db: str | Path = "openbagel-sessions.sqlite3", queue_size: int = W.DEFAULT_QUEUE_SIZE,
-               timeout_s: float = W.DEFAULT_TIMEOUT_S, max_body_bytes: int = W.MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app around one loaded pipeline."""
+               timeout_s: float = W.DEFAULT_TIMEOUT_S, max_body_bytes: int = W.MAX_BODY_BYTES,
+               allowed_origins: list[str] | None = None) -> FastAPI:
+    """The FastAPI app around one loaded pipeline. `allowed_origins` lets browser pages on those origins
+    call the API (CORS; ["*"] for any)."""
     model_name = model_name or Path(pipe.checkpoint.path).name
     created = int(time.time())
     worker = ModelWorker(queue_size, timeout_s)
@@ -306,25 +346,30 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
     app = FastAPI(title="openbagel", version="0.1.0", description="OpenAI-compatible BAGEL server",
                   lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
     _install_error_handlers(app)
-
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1")
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "queued": worker.pending, "queue_size": worker.queue_size}
 
+    card = P.ModelCard(id=model_name, created=created)
+
     @v1.get("/models", response_model=P.ModelList)
     async def models() -> P.ModelList:
-        return P.ModelList(data=[P.ModelCard(id=model_name, created=created)])
+        return P.ModelList(data=[card])
+
+    @v1.get("/models/{model_id:path}", response_model=P.ModelCard)
+    async def model(model_id: str) -> P.ModelCard:
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return card
 
     @v1.post("/images/generations", response_model=P.ImagesResponse, response_model_exclude_none=True)
     async def generations(body: P.ImageGenerationRequest, request: Request) -> P.ImagesResponse:
@@ -346,14 +391,17 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
                                 **P.ImageEditRequest.model_json_schema()["properties"]}}}}}})
     async def edits(request: Request) -> P.ImagesResponse:
         async with request.form(max_files=2, max_fields=64) as form:
-            files = {k: v for k, v in form.multi_items() if isinstance(v, UploadFile)}
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-            image_file = files.get("image") or files.get("image[]")
-            if image_file is None:
+            images = [v for k, v in form.multi_items() if k in ("image", "image[]") and isinstance(v, UploadFile)]
+            masks = [v for k, v in form.multi_items() if k == "mask" and isinstance(v, UploadFile)]
+            fields = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+            if not images:
                 raise APIError(400, "send the image to edit as the multipart file field 'image'", param="image",
                                code="missing_image")
-            image_bytes = await image_file.read()
-            mask_bytes = await files["mask"].read() if "mask" in files else None
+            if len(images) > 1:
+                raise APIError(400, f"got {len(images)} images; BAGEL edits one image per request", param="image",
+                               code="too_many_images")
+            image_bytes = await images[0].read()
+            mask_bytes = await masks[0].read() if masks else None
         body = P.ImageEditRequest.from_form(fields)
         image = open_image(image_bytes, name="image")
         alpha = read_mask(mask_bytes, image.size) if mask_bytes is not None else None
@@ -361,12 +409,13 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
                  for s in _seeds(body.seed, body.n)]
         outs = await worker.call(request, lambda job: pipe.run(tasks, callback_on_step_end=job.check,
                                                                 on_text=job.check))
-        if alpha is not None:
-            for out in outs:
+        for out in outs:
+            _at_input_size(out, image)
+            if alpha is not None:
                 out.images[0] = composite_by_mask(image, out.images[0], alpha)
         return _images_response(outs, body)
 
-    @v1.post("/chat/completions", response_model=P.ChatCompletion, response_model_exclude_none=True)
+    @v1.post("/chat/completions", response_model=P.ChatCompletion)
     async def chat(body: P.ChatCompletionRequest, request: Request) -> Any:
         try:
             text = body.last_user_text()
@@ -380,22 +429,31 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
         kind = ("edit" if image is not None else "generate") if body.wants_image else "understand"
         if kind == "edit":
             height = width = None  # an edit keeps the input's size
-        task = Task(kind, text, image, think=body.think, seed=_seeds(body.seed, 1)[0], height=height, width=width,
-                    settings=body.settings)
+        tasks = [Task(kind, text, image, think=body.think, seed=s, height=height, width=width,
+                      settings=body.settings) for s in _seeds(body.seed, body.n)]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.wants_image:
                 raise APIError(400, "stream=true streams text answers; drop stream to receive an image",
                                param="stream", code="unsupported")
-            return await _stream_chat(pipe, worker, task, completion_id, model_name)
-        out = (await worker.call(request, lambda job: pipe.run([task], callback_on_step_end=job.check,
-                                                                 on_text=job.check)))[0]
-        if out.images:
-            content: Any = [{"type": "image_url", "image_url": {"url": _image_data(out.images[0], "url").url}}]
-        else:
-            content = out.text
-        message = P.AssistantMessage(content=content, reasoning_content=out.thought)
-        return P.ChatCompletion(id=completion_id, model=model_name, choices=[P.Choice(message=message)])
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await _stream_chat(pipe, worker, tasks[0], completion_id, model_name, include_usage)
+        outs = await worker.call(request, lambda job: pipe.run(tasks, callback_on_step_end=job.check,
+                                                                on_text=job.check))
+        choices = []
+        for index, out in enumerate(outs):
+            if out.images:
+                if image is not None:
+                    _at_input_size(out, image)
+                content: Any = [{"type": "image_url", "image_url": {"url": _image_data(out.images[0], "url").url}}]
+            else:
+                content = out.text
+            message = P.AssistantMessage(content=content, reasoning_content=out.thought)
+            choices.append(P.Choice(index=index, message=message, finish_reason=out.finish_reason or "stop"))
+        usage = None
+        if all(o.prompt_tokens is not None for o in outs):
+            usage = P.Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+        return P.ChatCompletion(id=completion_id, model=model_name, choices=choices, usage=usage)
 
     # ----- sessions ----------------------------------------------------------------------------------
 
@@ -434,11 +492,13 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
 
 
 async def _stream_chat(pipe: BagelPipeline, worker: ModelWorker, task: Task, completion_id: str,
-                       model: str) -> StreamingResponse:
-    """SSE chunks: the thought as `reasoning_content` deltas, the answer as `content` deltas, then [DONE].
+                       model: str, include_usage: bool) -> StreamingResponse:
+    """SSE chunks: the thought as `reasoning_content` deltas, the answer as `content` deltas, the finish
+    reason, (with `include_usage`) a usage chunk, then [DONE].
 
     The response starts with the first decoded text, so input errors still come back as a plain 400.
     """
+    created = int(time.time())
     loop = asyncio.get_running_loop()
     texts: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -472,7 +532,7 @@ async def _stream_chat(pipe: BagelPipeline, worker: ModelWorker, task: Task, com
 
     def chunk(**delta: Any) -> str:
         finish = delta.pop("finish_reason", None)
-        return _sse(P.ChatCompletionChunk(id=completion_id, model=model, choices=[
+        return _sse(P.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
             P.ChunkChoice(delta=P.Delta(**delta), finish_reason=finish)]))
 
     async def events() -> AsyncIterator[str]:
@@ -481,7 +541,7 @@ async def _stream_chat(pipe: BagelPipeline, worker: ModelWorker, task: Task, com
         try:
             yield chunk(role="assistant", content="")
             while text is not None:
-                thought, answer = P.split_partial(text, task.think)
+                thought, answer = P.split_partial(text)
                 if len(thought) > len(sent_thought) and thought.startswith(sent_thought):
                     yield chunk(reasoning_content=thought[len(sent_thought):])
                     sent_thought = thought
@@ -489,10 +549,14 @@ async def _stream_chat(pipe: BagelPipeline, worker: ModelWorker, task: Task, com
                     yield chunk(content=answer[len(sent_answer):])
                     sent_answer = answer
                 text = await next_text()
-            final = (await job.future).text or ""
+            out = await job.future
+            final = out.text or ""
             if final.startswith(sent_answer) and len(final) > len(sent_answer):
                 yield chunk(content=final[len(sent_answer):])
-            yield chunk(finish_reason="stop")
+            yield chunk(finish_reason=out.finish_reason or "stop")
+            if include_usage and out.prompt_tokens is not None:
+                yield _sse(P.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+                                                 usage=P.Usage.of(out.prompt_tokens, out.completion_tokens)))
         except APIError as exc:
             yield _sse(exc.response().body.decode())
         except ValueError as exc:
@@ -507,10 +571,14 @@ async def _stream_chat(pipe: BagelPipeline, worker: ModelWorker, task: Task, com
 
 def serve(pipe: BagelPipeline, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           **app_options: Any) -> None:
-    """Run the server with uvicorn (blocking). Bind 0.0.0.0 only on purpose, e.g. inside a container."""
+    """Run the server with uvicorn (blocking). Bind 0.0.0.0 only on purpose, e.g. inside a container.
+
+    On SIGTERM / Ctrl-C it stops accepting, gives running requests SHUTDOWN_GRACE_S to finish, then
+    cancels them (at the next denoising step or token): inside `docker stop`'s 10 s before SIGKILL.
+    """
     import uvicorn
 
     app = create_app(pipe, **app_options)
     queue = app.state.worker.queue_size
     uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=max(64, 4 * queue),
-                timeout_keep_alive=30)
+                timeout_keep_alive=30, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -49,7 +49,7 @@ def cell_block(cell: str) -> tuple[slice, slice]:
 
 
 def _check(field: str, value: Any, allowed) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:  # a list or dict is unhashable: test the type first
         raise ValueError(f"{field}: {value!r} is not one of {', '.join(allowed)}")
 
 
