@@ -53,7 +53,10 @@ def resolve_path(path_or_repo_id: str | Path) -> Path:
     text = str(path_or_repo_id)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{text} is neither a local directory nor a hub id like 'ByteDance-Seed/BAGEL-7B-MoT'")
-    return download(text)
+    try:
+        return download(text)
+    except CheckpointError as exc:  # 'models/BAGEL-7B-MoT' reads as a folder and as a hub id: say both
+        raise CheckpointError(f"there is no folder {text!r} here ({Path.cwd()}), and as a hub id: {exc}") from None
 
 
 def download(repo_id: str, local_dir: str | Path | None = None) -> Path:
@@ -64,7 +67,8 @@ def download(repo_id: str, local_dir: str | Path | None = None) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_dir=local_dir, allow_patterns=HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot download {repo_id!r} from the hub: {exc}") from None
+        reason = " ".join(str(exc).split())  # one line: hub errors span several
+        raise CheckpointError(f"cannot download {repo_id!r} from the hub: {reason}") from None
 
 
 def _ema_files(directory: Path) -> list[Path]:

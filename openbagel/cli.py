@@ -30,6 +30,32 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _image_path(text: str) -> str:
+    """An output image path whose format Pillow knows, checked before the model loads."""
+    from PIL import Image
+
+    suffix = Path(text).suffix.lower()
+    if not suffix or suffix not in Image.registered_extensions():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image file name; end it in .png, .jpg or .webp")
+    return text
+
+
 def _interval(text: str) -> tuple[float, float]:
     try:
         parts = [float(x) for x in text.split(",")]
@@ -170,9 +196,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     if not (args.image or args.resume):
         raise InputError("give an IMAGE to start from, or --resume a saved session folder")
+    out_dir = Path(args.out)
+    if (out_dir / "session.json").exists() and Path(args.resume or "").resolve() != out_dir.resolve():
+        raise InputError(f"{out_dir} already holds a session; continue it with --resume {out_dir}, "
+                         "or give another --out")
     image = _open(args.image, "image") if args.image else None
     pipe = load_pipeline(args)
-    out_dir = Path(args.out)
     if args.resume:
         session = EditSession.load(pipe, args.resume)
     else:
@@ -219,15 +248,30 @@ def _latest(out_dir: Path, session) -> Path:
     return out_dir / (f"turn_{len(session.turns):02d}.png" if session.turns else "source.png")
 
 
-def cmd_batch(args: argparse.Namespace) -> None:
+def cmd_batch(args: argparse.Namespace) -> int:
     from .inference.batch import run_batch_file
+    from .inference.pipeline import InputError
+    from .inference.settings import resolve
 
+    settings = settings_from_args(args)
+    try:
+        for task in ("generate", "edit"):  # the flags apply to every task: check them before the model loads
+            resolve(task, settings)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a file; give a folder for results.jsonl and the images")
     pipe = load_pipeline(args)
-    results = run_batch_file(pipe, args.tasks, args.out, max_batch=args.max_batch, settings=settings_from_args(args))
+    results = run_batch_file(pipe, args.tasks, args.out, max_batch=args.max_batch, settings=settings)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"{r['id']}: error: {r['error']}", file=sys.stderr)
     print(f"{len(results) - len(failed)} of {len(results)} tasks done; results in {Path(args.out) / 'results.jsonl'}")
+    if len(failed) == len(results):  # a partial failure is reported per task; nothing done at all is an error
+        print(f"error: no task of {args.tasks} could run" if results else f"error: {args.tasks} holds no tasks",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -367,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("generate", cmd_generate, "Draw an image from a text prompt.",
                 'openbagel generate "a red circle left of a blue square" --out circle.png --steps 30 --seed 1')
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--out", default="generated.png", help="output PNG (default generated.png)")
+    p.add_argument("--out", type=_image_path, default="generated.png", help="output PNG (default generated.png)")
     p.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
     p.add_argument("-n", type=int, default=1, choices=range(1, 17), metavar="N", help="images to draw (1-16)")
     add_sampler_args(p)
@@ -376,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                 'openbagel edit scene.png "make the circle green" --out edited.png')
     p.add_argument("image", help="input image file")
     p.add_argument("instruction", help="what to change")
-    p.add_argument("--out", default="edited.png", help="output PNG (default edited.png)")
+    p.add_argument("--out", type=_image_path, default="edited.png", help="output PNG (default edited.png)")
     add_sampler_args(p, edit=True)
 
     p = command("understand", cmd_understand, "Answer a question about an image (or a text-only question).",
@@ -398,13 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "  openbagel batch tasks/tasks.jsonl --out results/")
     p.add_argument("tasks", help="tasks .jsonl file; image paths are relative to its folder")
     p.add_argument("--out", required=True, help="output folder (results.jsonl and images)")
-    p.add_argument("--max-batch", type=int, default=16, help="tasks per forward batch (default 16)")
+    p.add_argument("--max-batch", type=_positive, default=16, help="tasks per forward batch (default 16)")
     add_sampler_args(p, edit=True)
 
     p = command("app", cmd_app, "Start the web app (Gradio): Generate, Edit, Understand and Chat tabs.",
                 "openbagel app --port 7860   # then open http://127.0.0.1:7860")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default 16)")
 
@@ -413,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", cmd_serve, "Start the OpenAI-compatible HTTP server (images, chat, editing sessions).",
                 "openbagel serve --port 8000   # then: curl http://127.0.0.1:8000/v1/models")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set OPENBAGEL_API_KEY)")
     p.add_argument("--sessions-db", default="openbagel-sessions.sqlite3",
                    help="SQLite file for editing sessions (default: %(default)s)")
@@ -463,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = OPTIONAL_EXTRAS.get(package)
         hint = f"pip install 'openbagel[{extra}]'" if extra else f"pip install {package}"
         print(f"error: this command needs the package {package!r}, which is not installed: {hint}", file=sys.stderr)
+        return 1
+    except ImportError as exc:  # a feature that needs what this machine lacks (bitsandbytes and a GPU, ...)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # InputError, ImageLoadError, CheckpointError, ConfigError, bad settings
         print(f"error: {exc}", file=sys.stderr)

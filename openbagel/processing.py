@@ -110,13 +110,14 @@ def open_image(source, name: str = "image") -> Image.Image:
         fp = io.BytesIO(source)
     elif isinstance(source, (str, Path)):
         path = Path(source)
+        name = f"{name} {path}"  # every message below names the file
         if not path.is_file():
-            raise ImageLoadError(f"{name} {path} does not exist or is not a file")
+            raise ImageLoadError(f"{name} does not exist or is not a file")
         size = path.stat().st_size
         if size == 0:
-            raise ImageLoadError(f"{name} {path} is empty (0 bytes)")
+            raise ImageLoadError(f"{name} is empty (0 bytes)")
         if size > MAX_IMAGE_BYTES:
-            raise ImageLoadError(f"{name} {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+            raise ImageLoadError(f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
         fp = io.BytesIO(path.read_bytes())
     else:
         fp = source

@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -195,7 +196,8 @@ BAD_LINES = {
     "not-json": ("{not json", "line 1 is not valid JSON"),
     "json-array": ('["generate", "x"]', "line 1 must be a JSON object"),
     "missing-id": ('{"task": "generate", "prompt": "x"}', "missing field 'id'"),
-    "empty-id": ('{"id": "", "task": "generate", "prompt": "x"}', "missing field 'id'"),
+    "empty-id": ('{"id": "", "task": "generate", "prompt": "x"}', "'id' is ''; it must be a non-empty string"),
+    "number-id": ('{"id": 5, "task": "generate", "prompt": "x"}', "'id' is 5; it must be a non-empty string"),
     "unknown-kind": ('{"id": "a", "task": "paint", "prompt": "x"}', "unknown task 'paint'"),
     "missing-kind": ('{"id": "a", "prompt": "x"}', "unknown task None"),
     "generate-without-prompt": ('{"id": "a", "task": "generate"}', "generate task needs the field 'prompt'"),
@@ -265,6 +267,27 @@ def test_batch_file_isolates_bad_lines(tiny_pipeline, task_folder, tmp_path):
     assert by_id["empty"]["error"] == "the prompt is empty; write what you want"
     assert "leaves the task file's folder" in by_id["escape"]["error"]
     assert not (tmp_path / "outside.png").read_bytes() != SCENE  # nothing outside was touched
+
+
+def test_batch_file_with_a_bom_and_bad_max_batch(tiny_pipeline, tmp_path):
+    """Windows editors start UTF-8 files with a BOM: the first task keeps its id and runs."""
+    line = json.dumps({"id": "first", "task": "understand", "image": "ok.png", "question": "what?"})
+    (tmp_path / "ok.png").write_bytes(SCENE)
+    (tmp_path / "tasks.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\r\n")
+    results = run_batch_file(tiny_pipeline, tmp_path / "tasks.jsonl", tmp_path / "out", settings={"max_new_tokens": 2})
+    assert results[0]["id"] == "first" and "error" not in results[0] and "text" in results[0]
+    with pytest.raises(InputError, match="max_batch must be a whole number of at least 1"):
+        run_batch_file(tiny_pipeline, tmp_path / "tasks.jsonl", tmp_path / "out", max_batch=0)
+
+
+def test_unavailable_device_is_named(tiny_checkpoint):
+    from openbagel.inference.pipeline import BagelPipeline
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="device 'cuda' is not available on this machine"):
+            BagelPipeline.from_pretrained(tiny_checkpoint, device="cuda")
+    with pytest.raises(InputError, match="unknown device 'tpu9'"):
+        BagelPipeline.from_pretrained(tiny_checkpoint, device="tpu9")
 
 
 def test_batch_file_not_utf8(tiny_pipeline, tmp_path):
@@ -372,12 +395,18 @@ def test_marker_pickle_really_creates_the_marker(tmp_path):
 
 CLI_CASES = {
     "edit-missing-file": (["edit", "{tmp}/missing.png", "make it red"], 1, "does not exist or is not a file"),
-    "understand-text-file": (["understand", "{tmp}/notes.png", "what?"], 1, "not a readable image"),
+    "understand-text-file": (["understand", "{tmp}/notes.png", "what?"], 1, "notes.png is not a readable image"),
     "edit-decompression-bomb": (["edit", "{tmp}/bomb.png", "make it red"], 1, "decompression bomb"),
     "generate-nan-guidance": (["generate", "x", "--model", "{ckpt}", "--guidance-scale", "nan", "--out", "{tmp}/g.png"],
                               1, "cfg_text_scale must be finite"),
     "generate-size-not-a-size": (["generate", "x", "--size", "big"], 2, "size must look like '512x512'"),
     "pickle-checkpoint": (["generate", "x", "--model", "{tmp}/pickled"], 1, "only safetensors are loaded"),
+    "unknown-device": (["generate", "x", "--model", "{ckpt}", "--device", "tpu9"], 1, "unknown device 'tpu9'"),
+    "port-out-of-range": (["serve", "--port", "99999"], 2, "a port is a number from 1 to 65535"),
+    "out-not-an-image-name": (["generate", "x", "--out", "{tmp}/outdir/"], 2, "is not an image file name"),
+    "max-batch-zero": (["batch", "{tmp}/notes.png", "--out", "{tmp}/r", "--max-batch", "0"], 2, "at least 1"),
+    "batch-bad-flag-before-loading": (["batch", "{tmp}/notes.png", "--out", "{tmp}/r", "--steps", "0"], 1,
+                                      "num_inference_steps must be an integer from 2"),
 }
 
 
@@ -463,3 +492,15 @@ def test_bad_requests_get_a_4xx_error_object(name, api):
 def test_server_still_serves_after_bad_requests(api):
     response = api.post("/v1/images/generations", json={"prompt": "a red circle", "size": "32x32", **FAST})
     assert response.status_code == 200 and len(response.json()["data"]) == 1
+
+
+def test_cli_batch_where_no_task_ran_fails(tiny_checkpoint, tmp_path):
+    """Failed tasks are reported one per line; a file where none could run is an error (status 1)."""
+    (tmp_path / "notes.jsonl").write_text("not json\n[1, 2]\n")
+    result = subprocess.run([sys.executable, "-m", "openbagel", "batch", str(tmp_path / "notes.jsonl"), "--model",
+                             str(tiny_checkpoint), "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"error: no task of {tmp_path / 'notes.jsonl'} could run"
+    assert len((tmp_path / "r" / "results.jsonl").read_text().splitlines()) == 2

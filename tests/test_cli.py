@@ -93,6 +93,11 @@ def test_chat_reads_piped_stdin(monkeypatch, shared_pipeline, scene, tmp_path, c
     code, stdout, _ = run(["chat", "--resume", out, "--out", out, *FAST], capsys)
     assert code == 0 and stdout.strip() == str(out / "turn_03.png")
 
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    code, _, stderr = run(["chat", scene, "--out", out, *FAST], capsys)  # a new session would overwrite it
+    assert code == 1 and f"{out} already holds a session; continue it with --resume {out}" in stderr
+    assert len(json.loads((out / "session.json").read_text())["turns"]) == 3
+
 
 def test_batch(shared_pipeline, tmp_path, capsys):
     assert cli.main(["shapes", "sample", "--kind", "question", "-n", "2", "--out", str(tmp_path / "tasks")]) == 0

@@ -49,7 +49,8 @@ def parse_line(index: int, line: str, base: Path, seen: set[str]) -> Task:
         return Task(index, f"line-{index + 1}", "?", error=f"line {index + 1} must be a JSON object")
     task_id = data.get("id")
     if not isinstance(task_id, str) or not task_id:
-        return Task(index, f"line-{index + 1}", "?", error="missing field 'id' (a non-empty string)")
+        problem = "missing field 'id'" if "id" not in data else f"'id' is {task_id!r}"
+        return Task(index, f"line-{index + 1}", "?", error=f"{problem}; it must be a non-empty string")
     task = Task(index, task_id, str(data.get("task")))
     try:
         if task_id in seen:
@@ -80,7 +81,7 @@ def parse_line(index: int, line: str, base: Path, seen: set[str]) -> Task:
                 raise InputError(f"'turns' holds {len(turns)} instructions; the limit is {MAX_TURNS}")
             task.turns = turns
         if "image" in REQUIRED[task.kind]:
-            task.image = open_image(_inside(base, data["image"]), name=f"image {data['image']!r}")
+            task.image = open_image(_inside(base, data["image"]), name="image")
     except (InputError, ImageLoadError) as exc:
         task.error = str(exc)
     return task
@@ -108,8 +109,10 @@ def run_batch_file(pipe: BagelPipeline, tasks_path: str | Path, out_dir: str | P
                    settings: dict[str, Any] | None = None) -> list[dict]:
     """Run every task of a JSONL file; write results.jsonl and PNGs into out_dir; return the results."""
     tasks_path, out_dir = Path(tasks_path), Path(out_dir)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise InputError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
     try:
-        lines = tasks_path.read_text(encoding="utf-8").splitlines()
+        lines = tasks_path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not JSON
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read task file {tasks_path}: {exc}") from None
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ class BagelPipeline:
         (`inference/onednn.py`; default: on for fp32 on CPU without quantize or offload; pass False to
         quantise or train the model later).
         """
-        device = torch.device(device or _default_device())
+        device = _check_device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
         path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
         if quantize is not None:
@@ -475,6 +475,22 @@ def _seed(seed: int | None) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     return seed
+
+
+def _check_device(name: str | torch.device) -> torch.device:
+    """The device, if this torch build and machine have it (a clear error instead of torch's assertion)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {str(name)!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(device.type, lambda: True)():
+        raise InputError(f"device {str(name)!r} is not available on this machine (torch {torch.__version__}); "
+                         f"use {_default_device()}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _default_device() -> str:

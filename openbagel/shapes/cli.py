@@ -70,7 +70,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._SubParsersAction | None = None) -> None:
     """Add `shapes {render,sample}` to `subparsers`, and `shapes` under `eval` (created unless given)."""
-    shapes = subparsers.add_parser("shapes", help="the Shapes world: render scenes, write task files")
+    shapes = subparsers.add_parser("shapes", help="the Shapes world: render scenes, write task files",
+                                   description="The Shapes world (spec: shapes-world.md): render scene files, "
+                                               "write batch task files with their expected results.",
+                                   epilog="example: openbagel shapes sample --kind question -n 5 --out tasks/")
     sub = shapes.add_subparsers(dest="shapes_command", required=True)
 
     p = sub.add_parser("render", help="render a scene JSON file to a 64x64 PNG",
@@ -94,7 +97,9 @@ def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._
     p.set_defaults(func=_sample)
 
     if eval_subparsers is None:
-        eval_subparsers = subparsers.add_parser("eval", help="score a model").add_subparsers(
+        eval_subparsers = subparsers.add_parser(
+            "eval", help="score a model", description="Score a model on a benchmark (shapes: the Shapes world).",
+            epilog="example: openbagel eval shapes -n 20 --out shapes_eval.json").add_subparsers(
             dest="eval_command", required=True)
     p = eval_subparsers.add_parser(
         "shapes", help="score a model on a fresh Shapes test set",

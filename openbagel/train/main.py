@@ -36,7 +36,15 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the `train` command to the top-level CLI's subparsers."""
-    parser = subparsers.add_parser("train", help="train or fine-tune (single process, or under torchrun)")
+    parser = subparsers.add_parser(
+        "train", help="train or fine-tune (single process, or under torchrun)",
+        description="Train or fine-tune with a recipe of openbagel/train/recipes.py; key=value overrides any "
+                    "field of its TrainConfig. An unknown recipe name lists the recipes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  openbagel train tiny steps=50 --out runs/smoke           # seconds on a laptop CPU\n"
+               "  openbagel train shapes-tiny --out runs/shapes-tiny       # the embedded model from scratch\n"
+               "  torchrun --nproc_per_node 8 -m openbagel.train bagel-7b-finetune \"data.paths=['t2i.parquet']\"")
     add_arguments(parser)
     parser.set_defaults(func=run)
 
