@@ -165,6 +165,17 @@ BAD_CALLS = {
     "do-sample-string": ("understand", (None, "why?"), {"do_sample": "yes"}, "do_sample must be true or false"),
     "seed-negative": ("generate", ("x",), {"seed": -1}, "seed must be a non-negative integer"),
     "seed-bool": ("generate", ("x",), {"seed": True}, "seed must be a non-negative integer"),
+    "seed-and-generator": ("generate", ("x",), {"seed": 1, "generator": torch.Generator()},
+                           "give seed or generator, not both"),
+    "generator-not-a-generator": ("generate", ("x",), {"generator": 3}, "generator must be a torch.Generator, got int"),
+    "think-not-a-bool": ("generate", ("x",), {"think": "yes"}, "think must be True or False, got 'yes'"),
+    "several-images-per-prompt": ("generate", ("x",), {"num_images_per_prompt": 2}, "one image per call"),
+    "callback-tensor-inputs": ("generate", ("x",), {"callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
+                               "only 'latents' is offered"),
+    "callback-not-callable": ("generate", ("x",), {"callback_on_step_end": "x"}, "must be callable, got str"),
+    "understand-bad-image-setting": ("understand", (None, "why?"), {"cfg_renorm_type": "foo"},
+                                     "cfg_renorm_type must be one of"),
+    "prompt-over-the-context": ("generate", ("x " * 4000,), {}, "this model reads at most 3584"),
 }
 
 
@@ -174,6 +185,30 @@ def test_bad_pipeline_calls(name, tiny_pipeline):
     with pytest.raises(InputError) as exc:
         getattr(tiny_pipeline, method)(*args, **kwargs)
     assert message in str(exc.value)
+
+
+def test_bad_sessions_and_requests(tiny_pipeline, tmp_path):
+    import numpy as np
+
+    from openbagel import EditSession
+
+    with pytest.raises(InputError, match="image must be a PIL image, got ndarray"):
+        tiny_pipeline.session(np.zeros((64, 64, 3), dtype=np.uint8))
+    session = tiny_pipeline.session(Image.new("RGB", (64, 64)), num_inference_steps=2)
+    with pytest.raises(InputError, match="seed must be a non-negative integer"):
+        session.edit("make it red", seed=-1)
+    with pytest.raises(InputError, match=re.escape("run takes a list of openbagel.Request objects")):
+        tiny_pipeline.run([{"task": "generate", "text": "x"}])
+    with pytest.raises(InputError, match="not a float type"):
+        type(tiny_pipeline).from_pretrained(tmp_path, dtype=torch.int8)
+    session.edit("make it red")
+    session.save(tmp_path / "saved")
+    (tmp_path / "saved" / "turn_01.png").unlink()
+    with pytest.raises(InputError, match="is not a saved session"):
+        EditSession.load(tiny_pipeline, tmp_path / "saved")
+    (tmp_path / "saved" / "session.json").write_text('{"version": 1}')
+    with pytest.raises(InputError, match="is not a saved session \\(missing field 'turns'\\)"):
+        EditSession.load(tiny_pipeline, tmp_path / "saved")
 
 
 def test_unknown_task_kind(tiny_pipeline):

@@ -325,3 +325,75 @@ def test_inference_builds_no_autograd_graph(tiny_pipeline, source):
     finally:
         hook.remove()
     assert recorded and not any(recorded)
+
+
+def test_batch_rows_keep_their_own_text_settings(tiny_pipeline, source):
+    """Rows of one batch with different token limits or sampling decode as they would alone."""
+    from openbagel import Request
+
+    requests = [Request("understand", "describe the image.", source, seed=1, settings={"max_new_tokens": 2}),
+                Request("understand", "describe the image.", source, seed=1, settings={"max_new_tokens": 9}),
+                Request("understand", "describe the image.", source, seed=3,
+                        settings={"max_new_tokens": 9, "do_sample": True, "temperature": 1.0})]
+    together = tiny_pipeline.run(requests)
+    alone = [tiny_pipeline.run([r])[0] for r in requests]
+    assert [o.raw_text for o in together] == [o.raw_text for o in alone]
+    assert together[0].completion_tokens <= 2 < together[1].completion_tokens
+
+
+def test_diffusers_conveniences(tiny_checkpoint, tiny_pipeline, source):
+    import numpy as np
+
+    from openbagel.inference.pipeline import BagelPipeline
+
+    pipe = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", torch_dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16 and tiny_pipeline.dtype == torch.float32
+    defaults = tiny_pipeline.default_settings("edit")
+    assert {"num_timesteps", "cfg_text_scale", "cfg_img_scale", "max_new_tokens"} <= set(defaults)
+    a = tiny_pipeline.generate("a red circle", generator=[torch.Generator().manual_seed(4)], num_images_per_prompt=1,
+                               callback_on_step_end_tensor_inputs=["latents"], num_inference_steps=np.int64(3),
+                               guidance_scale=np.float32(2.0))
+    b = tiny_pipeline.generate("a red circle", seed=np.int64(4), num_inference_steps=3, guidance_scale=2.0)
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+
+    def wrong_shape(pipe_, step, t, kw):
+        return {"latents": [x[:, :3] for x in kw["latents"]]}
+
+    with pytest.raises(InputError, match="callback_on_step_end must return latents as it got them"):
+        tiny_pipeline.generate("a red circle", seed=1, num_inference_steps=3, callback_on_step_end=wrong_shape)
+
+
+def test_first_calls_from_several_threads_pack_each_weight_once():
+    """oneDNN packs a weight on its first call: threads racing to it must all get the packed layer."""
+    import threading
+
+    from torch import nn
+
+    from openbagel.inference.onednn import PackedLinear, available
+
+    if not available(torch.device("cpu"), torch.float32):
+        pytest.skip("oneDNN is not available in this torch build")
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 512)
+    x = torch.randn(8, 512)
+    want = linear(x).detach()
+    for _ in range(3):
+        packed = PackedLinear(linear)
+        start, results, errors = threading.Barrier(4), [], []
+
+        def call():
+            start.wait()
+            try:
+                with torch.no_grad():
+                    results.append(packed(x))
+            except Exception as exc:  # noqa: BLE001 - the test reports any failure of a thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(results) == 4
+        assert all(torch.allclose(r, want, rtol=1e-4, atol=1e-5) for r in results)
+

@@ -137,8 +137,15 @@ def test_resolve_accepts_exactly_the_valid_settings(task, overrides):
 
 
 @given(st.fixed_dictionaries({}, optional={"guidance_scale": ANY_VALUE, "num_inference_steps": ANY_VALUE}))
-def test_understanding_accepts_and_ignores_image_settings(overrides):
-    assert resolve("understand", overrides).flow is None
+def test_understanding_checks_then_ignores_image_settings(overrides):
+    """An image setting passed to understanding is checked like generation's (a typo is an error), then unused."""
+    try:
+        resolve("generate", overrides)
+    except ValueError:
+        with pytest.raises(ValueError):
+            resolve("understand", overrides)
+    else:
+        assert resolve("understand", overrides).flow is None
 
 
 # ----- classifier-free guidance ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import threading
 from collections.abc import Callable
 from functools import cache
 
@@ -34,6 +35,7 @@ from .quantize import replace_linears
 # Below this many weights a layer stays on MKL: oneDNN's per-call overhead (~20 us) outweighs its faster
 # kernel (the unit-test model's 64-wide layers ran 2x slower packed).
 MIN_PACKED_WEIGHTS = 1 << 17
+_PACKING = threading.Lock()
 
 
 def packable_linears(name: str, module: nn.Module) -> bool:
@@ -93,9 +95,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self._weight, self.rows_hint)
-            release_file_pages(self._weight)
-            self._weight = None
+            with _PACKING:  # two threads' first calls must not both reorder (the second would find no weight)
+                if self.packed is None:
+                    self.packed = torch.ops.mkldnn._reorder_linear_weight(self._weight, self.rows_hint)
+                    release_file_pages(self._weight)
+                    self._weight = None
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def to_linear(self) -> nn.Linear:

@@ -13,6 +13,7 @@ Contexts of one task (rows of a KV cache):
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .settings import TaskSettings, resolve
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 MAX_PROMPT_CHARS = 32_000
+RESERVED_POSITIONS = 512  # of the model's context, kept for system prompts, images and the answer
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
 
 
@@ -90,13 +92,15 @@ class BagelPipeline:
         self.engine = Engine(checkpoint.model, checkpoint.vae, tok.bos_id, tok.eos_id,
                              tok.start_of_image_id, tok.end_of_image_id)
         self.progress_bar_enabled = True
+        self.progress_bar_options: dict[str, Any] = {}
 
     # ----- construction ----------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, offload: bool = False,
-                        quantize: str | None = None, pack: bool | None = None) -> "BagelPipeline":
+                        quantize: str | None = None, pack: bool | None = None,
+                        torch_dtype: torch.dtype | str | None = None) -> "BagelPipeline":
         """Load a checkpoint directory or hub id (default: the embedded Shapes model shipped in the package).
 
         `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
@@ -105,8 +109,12 @@ class BagelPipeline:
         into CPU memory and quantises the language model layer by layer on its way to `device`. `pack`
         runs the fp32 Linear layers on oneDNN with weights reordered on each layer's first call
         (`inference/onednn.py`; default: on for fp32 on CPU without quantize or offload; pass False to
-        quantise or train the model later).
+        quantise or train the model later). `torch_dtype` is diffusers' name for `dtype`.
         """
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise InputError("give dtype or torch_dtype (its diffusers name), not both")
+            dtype = torch_dtype
         device = _check_device(device or _default_device())
         dtype = _resolve_dtype(dtype, device)
         path = path_or_repo_id if path_or_repo_id is not None else EMBEDDED_MODEL
@@ -130,48 +138,81 @@ class BagelPipeline:
         checkpoint.vae.to(device)
         return cls(checkpoint)
 
-    def set_progress_bar_config(self, disable: bool = False) -> None:
+    def set_progress_bar_config(self, disable: bool = False, **tqdm_options: Any) -> None:
+        """Turn the denoising progress bar off, or pass tqdm options (`leave`, `desc`, `file`, ...)."""
         self.progress_bar_enabled = not disable
+        self.progress_bar_options = tqdm_options
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    def default_settings(self, task: str) -> dict[str, Any]:
+        """The settings a `task` (generate, edit, understand) runs with when a call gives none: BAGEL's
+        defaults with this checkpoint's own on top (the embedded model stores tuned ones)."""
+        flow_text = resolve(task, {}, self.config.task_defaults)
+        values = dict(vars(flow_text.flow)) if flow_text.flow is not None else {}
+        values.update(vars(flow_text.text))
+        return values
+
     # ----- single tasks ----------------------------------------------------------------------------
 
     def generate(self, prompt: str, *, think: bool = False, height: int | None = None, width: int | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None, **settings: Any) -> BagelOutput:
-        """Text to image. Settings: num_inference_steps, guidance_scale / cfg_text_scale, cfg_interval, ..."""
+        """Text to image.
+
+        `seed` or `generator` (not both) fixes the noise. Settings, under BAGEL's or diffusers' names:
+        num_inference_steps (num_timesteps), guidance_scale (cfg_text_scale), cfg_interval, cfg_renorm_type,
+        cfg_renorm_min, timestep_shift, and for a thought (think=True) max_new_tokens (max_think_token_n),
+        do_sample, temperature, top_k, top_p. Unset ones keep `default_settings("generate")`.
+        `callback_on_step_end(pipe, step, t, {"latents": [...]})` sees (and may replace) the latents after
+        each step; `on_text(row, text)` the thought as it is written.
+        """
         callbacks = _pop_callbacks(settings)
         req = Request("generate", prompt, None, think, seed, generator, height, width, settings)
         return self.run([req], **callbacks)[0]
 
     def edit(self, image: Image.Image, instruction: str, *, think: bool = False, seed: int | None = None,
              generator: torch.Generator | None = None, **settings: Any) -> BagelOutput:
-        """Edit an image following an instruction (output keeps the resized input's size)."""
+        """Edit an image following an instruction. The output has the input's size after the checkpoint's
+        resizing (its limits, sides rounded to its stride). Settings as `generate`, plus image_guidance_scale
+        (cfg_img_scale); defaults: `default_settings("edit")`."""
         callbacks = _pop_callbacks(settings)
         req = Request("edit", instruction, image, think, seed, generator, settings=settings)
         return self.run([req], **callbacks)[0]
 
     def understand(self, image: Image.Image | None, question: str, *, think: bool = False, seed: int | None = None,
                    generator: torch.Generator | None = None, **settings: Any) -> BagelOutput:
-        """Answer a question about an image (or a plain text prompt when image is None)."""
+        """Answer a question about an image (or a plain text prompt when image is None). Settings:
+        max_new_tokens, do_sample, temperature, top_k, top_p; defaults: `default_settings("understand")`.
+        The output's `finish_reason` says whether the model ended the answer ("stop") or the limit did."""
         callbacks = _pop_callbacks(settings)
         req = Request("understand", question, image, think, seed, generator, settings=settings)
         return self.run([req], **callbacks)[0]
 
     def session(self, image: Image.Image | None = None, *, think: bool = False, seed: int = 0,
                 **settings: Any):
-        """A multi-turn editing session starting from `image` (see `EditSession`)."""
+        """A multi-turn editing session starting from `image` (see `EditSession`; `EditSession.load` restores
+        one saved with `session.save(folder)`). Settings as `edit`, fixed for the whole session."""
         from .session import EditSession
 
-        return EditSession(self, image, think=think, seed=seed, settings=settings)
+        return EditSession(self, _check_image(image) if image is not None else None, think=think,
+                           seed=_seed(seed), settings=settings)
 
     # ----- the batched path ------------------------------------------------------------------------
 
     def run(self, requests: list[Request], *, callback_on_step_end: Callable | None = None,
             on_text: Callable[[int, str], None] | None = None) -> list[BagelOutput]:
-        """Run many tasks; tasks of one kind share forwards. Raises InputError before any work on bad input."""
+        """Run many tasks; tasks of one kind share forwards, and each task gets what it would get alone.
+        Raises InputError before any work on bad input."""
+        if not isinstance(requests, (list, tuple)) or not all(isinstance(r, Request) for r in requests):
+            raise InputError("run takes a list of openbagel.Request objects, e.g. Request('generate', 'a red circle')")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InputError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         prepared = [self._prepare(r) for r in requests]
         outputs: list[BagelOutput | None] = [None] * len(requests)
         for task in ("understand", "generate", "edit"):
@@ -191,13 +232,30 @@ class BagelPipeline:
         if req.task not in ("generate", "edit", "understand"):
             raise InputError(f"unknown task {req.task!r}; use generate, edit or understand")
         text = _check_text(req.text, {"generate": "prompt", "edit": "instruction", "understand": "question"}[req.task])
+        self._check_length(text)
+        options = dict(req.settings)
+        if options.pop("num_images_per_prompt", 1) != 1:
+            raise InputError("num_images_per_prompt: one image per call; for several, call pipe.run with one "
+                             "Request per image (seeds seed, seed + 1, ...) or the CLI's -n")
+        tensor_inputs = options.pop("callback_on_step_end_tensor_inputs", ["latents"])
+        if not set(tensor_inputs) <= {"latents"}:
+            raise InputError(f"callback_on_step_end_tensor_inputs: only 'latents' is offered, got {tensor_inputs!r}")
         try:
-            settings = resolve(req.task, req.settings, self.config.task_defaults)
+            settings = resolve(req.task, options, self.config.task_defaults)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        if not isinstance(req.think, bool):
+            raise InputError(f"think must be True or False, got {req.think!r}")
         if req.think and not self.config.think_system_prompts:
             raise InputError("this checkpoint has no think-mode system prompts; call without think")
-        generator = req.generator or torch.Generator().manual_seed(_seed(req.seed))
+        generator = req.generator
+        if isinstance(generator, (list, tuple)) and len(generator) == 1:
+            generator = generator[0]  # diffusers' one-generator-per-image list, for one image
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, got {type(req.generator).__name__}")
+        if generator is not None and req.seed is not None:
+            raise InputError("give seed or generator, not both")
+        generator = generator or torch.Generator().manual_seed(_seed(req.seed))
         vae_image = vit_image = None
         height, width = req.height, req.width
         if req.task == "edit" and req.image is None:
@@ -212,6 +270,16 @@ class BagelPipeline:
         elif req.task == "generate":
             height, width = self._check_size(height, width)
         return _Prepared(req, text, settings, generator, vae_image, vit_image, height, width)
+
+    def _check_length(self, text: str) -> None:
+        """A text must leave the model room among the positions it was trained on (and answers grow
+        quadratically slower with the context)."""
+        context = self.config.llm.max_position_embeddings
+        limit = context - min(RESERVED_POSITIONS, context // 4)
+        n = len(self.tokenizer.encode(text))
+        if n > limit:
+            raise InputError(f"the text is {n} tokens; this model reads at most {limit} (its context is "
+                             f"{context} positions); shorten it")
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         dh, dw = self.config.default_image_size
@@ -247,26 +315,32 @@ class BagelPipeline:
         return self.tokenizer.text_block(self.config.think_system_prompts[kind]) if p.req.think else []
 
     def _decode(self, ctx: KVCache, batch: list["_Prepared"], rows: list[int], on_text) -> list["Decoded"]:
-        """Decode text from the given rows of a forked context; streams partial text to `on_text`."""
-        if not rows:
-            return []
-        sub = ctx.select(rows)
-        prompt_tokens = sub.lengths().tolist()
-        params = batch[rows[0]].settings.text
-        budget = self.engine.token_budget(sub, params)
-        gens = [batch[r].generator for r in rows]
-        tok = self.tokenizer
+        """Decode text from the given rows of a forked context; streams partial text to `on_text`.
 
-        def stream(ids: list[list[int]]) -> None:
-            if on_text is not None:
-                for r, seq in zip(rows, ids):
+        Rows that share their text settings decode together; rows with other settings (a longer token
+        limit, sampling) in their own group, so each row gets what it would get alone.
+        """
+        groups: dict[TextParams, list[int]] = {}
+        for r in rows:
+            groups.setdefault(batch[r].settings.text, []).append(r)
+        decoded: dict[int, Decoded] = {}
+        tok = self.tokenizer
+        for params, members in groups.items():
+            sub = ctx.select(members)
+            prompt_tokens = sub.lengths().tolist()
+            budget = self.engine.token_budget(sub, params)
+
+            def stream(ids: list[list[int]], members: list[int] = members) -> None:
+                for r, seq in zip(members, ids):
                     text = tok.decode(seq)
                     if not text.endswith("\ufffd"):
                         on_text(r, text)
 
-        ids = self.engine.decode(sub, params, gens, stream if on_text is not None else None)
-        return [Decoded(tok.decode(seq), "length" if len(seq) >= budget else "stop", n, len(seq))
-                for seq, n in zip(ids, prompt_tokens)]
+            ids = self.engine.decode(sub, params, [batch[r].generator for r in members],
+                                     stream if on_text is not None else None)
+            for r, seq, n in zip(members, ids, prompt_tokens):
+                decoded[r] = Decoded(tok.decode(seq), "length" if len(seq) >= budget else "stop", n, len(seq))
+        return [decoded[r] for r in rows]
 
 
 @dataclass
@@ -410,13 +484,20 @@ def _pop_callbacks(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _callback_adapter(pipe, callback, members):
-    """diffusers-style `callback_on_step_end(pipe, step, t, {"latents": [...]}) -> dict`."""
+    """diffusers-style `callback_on_step_end(pipe, step, t, {"latents": [...]}) -> dict`: one latent
+    tensor [tokens, channels] per image of the group; returned latents must keep those shapes."""
 
     def cb(step: int, t: float, xs: list[torch.Tensor]):
         result = callback(pipe, step, t, {"latents": xs})
-        if isinstance(result, dict) and "latents" in result:
-            return result["latents"]
-        return None
+        if not (isinstance(result, dict) and "latents" in result):
+            return None
+        new = result["latents"]
+        if (not isinstance(new, (list, tuple)) or len(new) != len(xs)
+                or any(not isinstance(n, torch.Tensor) or n.shape != x.shape for n, x in zip(new, xs))):
+            shapes = [tuple(x.shape) for x in xs]
+            raise InputError(f"callback_on_step_end must return latents as it got them: a list of {len(xs)} "
+                             f"tensors shaped {shapes}")
+        return list(new)
 
     return cb
 
@@ -426,7 +507,7 @@ def _progress_bar(pipe: BagelPipeline, total: int):
         return None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="denoising", leave=False)
+    bar = tqdm(total=total, **{"desc": "denoising", "leave": False, **pipe.progress_bar_options})
 
     def update(done: int, total_: int) -> None:
         bar.update(done - bar.n)
@@ -472,9 +553,9 @@ def _check_image(image: Any) -> Image.Image:
 def _seed(seed: int | None) -> int:
     if seed is None:
         return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed < 2**63):
+        raise InputError(f"seed must be a non-negative integer below 2**63, got {seed!r}")
+    return int(seed)  # numpy integers too
 
 
 def _check_device(name: str | torch.device) -> torch.device:
@@ -503,6 +584,9 @@ def _default_device() -> str:
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"dtype {dtype} is not a float type; use torch.float32, torch.bfloat16 or torch.float16 "
+                             "(for integer weights see quantize='int8')")
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..processing import resize, to_rgb, to_tensor
-from .pipeline import BagelOutput, Decoded, DrawState, InputError, Request
+from .pipeline import BagelOutput, Decoded, DrawState, InputError, Request, _seed
 
 if TYPE_CHECKING:
     from .pipeline import BagelPipeline
@@ -109,7 +109,7 @@ class EditSession:
         return self.turns[-1].image if self.turns else self.source
 
     def edit(self, instruction: str, *, seed: int | None = None, on_text=None, callback_on_step_end=None) -> BagelOutput:
-        seed = self.seed + len(self.turns) + 1 if seed is None else seed
+        seed = self.seed + len(self.turns) + 1 if seed is None else _seed(seed)
         self._history.append(self._conv.snapshot())
         try:
             out = self._conv.turn([instruction], [seed], on_text=on_text, callback=callback_on_step_end)[0]
@@ -144,20 +144,24 @@ class EditSession:
 
     @classmethod
     def load(cls, pipe: "BagelPipeline", directory: str | Path) -> "EditSession":
+        """The session `save(directory)` wrote, ready to continue exactly as if it had never stopped."""
         directory = Path(directory)
         try:
             meta = json.loads((directory / SESSION_FILE).read_text())
             source = Image.open(directory / "source.png")
             source.load()
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{directory} is not a saved session: {exc}") from None
-        turns = []
-        for t in meta["turns"]:
-            name = Path(t["image"]).name  # never follow a path out of the session folder
-            image = Image.open(directory / name)
-            image.load()
-            turns.append(Turn(t["instruction"], t["seed"], to_rgb(image), t.get("thought"), t.get("raw_thought")))
-        return cls.replay(pipe, source, turns, think=meta["think"], seed=meta["seed"], settings=meta["settings"])
+            turns = []
+            for t in meta["turns"]:
+                name = Path(t["image"]).name  # never follow a path out of the session folder
+                image = Image.open(directory / name)
+                image.load()
+                turns.append(Turn(t["instruction"], t["seed"], to_rgb(image), t.get("thought"),
+                                  t.get("raw_thought")))
+            think, seed, settings = meta["think"], meta["seed"], meta["settings"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise InputError(f"{directory} is not a saved session ({reason})") from None
+        return cls.replay(pipe, source, turns, think=think, seed=seed, settings=settings)
 
     @classmethod
     def replay(cls, pipe: "BagelPipeline", source: Image.Image, turns: list[Turn], *, think: bool, seed: int,

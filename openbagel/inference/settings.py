@@ -8,6 +8,7 @@ Defaults follow the official notebook and app (reference 5.8); a checkpoint may 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ def resolve(task: str, overrides: dict[str, Any], checkpoint_defaults: dict[str,
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     values = dict(DEFAULTS[task])
+    unused: dict[str, Any] = {}
     for source in ((checkpoint_defaults or {}).get(task, {}), overrides):
         for key, value in source.items():
             if value is None:
@@ -62,8 +64,11 @@ def resolve(task: str, overrides: dict[str, Any], checkpoint_defaults: dict[str,
                 allowed = sorted(set(values) | set(ALIASES))
                 raise ValueError(f"unknown setting {key!r} for {task}; known settings: {', '.join(allowed)}")
             if name in FLOW_KEYS and task == "understand":
-                continue  # understanding draws no image; sampler settings are accepted and unused
+                unused[name] = _number(name, value)  # understanding draws no image: checked, then unused
+                continue
             values[name] = _number(name, value)
+    if unused:
+        FlowParams(**{k: unused.get(k, DEFAULTS["generate"][k]) for k in FLOW_KEYS})  # raises on a bad value
     flow = FlowParams(**{k: values[k] for k in FLOW_KEYS}) if task != "understand" else None
     text = TextParams(max_new_tokens=values["max_think_token_n"], do_sample=bool(values["do_sample"]),
                       temperature=values["temperature"], top_k=values["top_k"], top_p=values["top_p"])
@@ -82,8 +87,9 @@ def _number(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ValueError(f"cfg_interval must be two numbers [start, end], got {value!r}")
         return tuple(_number("cfg_interval bound", v) for v in value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy scalars too
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if name in ("num_timesteps", "max_think_token_n", "top_k"):
