@@ -275,3 +275,59 @@ def test_autoencoder_outline_weights_the_pixels_where_shapes_differ():
     inner = -torch.nn.functional.max_pool2d(-fg, 5, stride=1, padding=2)  # two pixels inside the edge
     assert ring[inner == 1].sum() == 0 and ring.sum() < 0.05 * ring.numel()  # a thin band: 2% of the canvas
     assert ring[:, :, :10].sum() == 0  # the background far from the object gets no extra weight
+
+
+def test_run_folder_rules_and_a_resume_with_a_new_learning_rate(tmp_path, tokenizer_dir, capsys):
+    """A new run refuses a folder that holds one; --resume needs a checkpoint, says which settings changed,
+    and applies a changed optim.lr from the resumed step on."""
+    from openbagel.train.recipes import check_run_folder
+
+    cfg, out = small(tokenizer_dir), tmp_path / "run"
+    with pytest.raises(ValueError, match="--resume: no complete checkpoint under"):
+        check_run_folder(cfg, out, resume=True, has_checkpoint=False)
+    check_run_folder(cfg, out, resume=False, has_checkpoint=False)
+    trainer = Trainer(cfg, out)
+    trainer.train_step(), trainer.train_step()
+    trainer.save()
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        check_run_folder(cfg, out, resume=False, has_checkpoint=True)
+    changed = small(tokenizer_dir, **{"optim.lr": 5e-4, "steps": 8})
+    check_run_folder(changed, out, resume=True, has_checkpoint=True)
+    assert "changed settings: optim.lr 0.001 -> 0.0005; steps 4 -> 8" in capsys.readouterr().err
+    resumed = Trainer(changed, out, resume=True)
+    assert resumed.train_step().lr == pytest.approx(5e-4 * 1.0)  # past the 2 warm-up steps: the new base LR
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "lr, eps and grad_clip must be > 0"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+    ("packing.rows_per_batch=0", "rows_per_batch must be >= 1"),
+    ("data.image_size=0", "data.image_size must be a multiple of 16"),
+])
+def test_invalid_values_are_refused_when_set(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(tiny(), [override])
+
+
+def test_resume_on_another_number_of_processes_is_refused(tmp_path, tokenizer_dir):
+    from openbagel.train.parallel import World
+
+    trainer = Trainer(small(tokenizer_dir), tmp_path / "run")
+    trainer.train_step()
+    path = trainer.save()
+    two = World(0, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"written by 1 process\(es\) and this run has 2: resume it with the same"):
+        checkpointing.load_training_checkpoint(path, two, trainer.model, trainer.optimizer, trainer.ema)
+
+
+def test_a_parquet_file_without_the_columns_names_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openbagel.data.sources import ParquetSource, t2i_sample
+
+    pq.write_table(pa.table({"caption": ["a red circle"], "img": [b"x"]}), tmp_path / "t.parquet")
+    source = ParquetSource([str(tmp_path / "t.parquet")], 0, t2i_sample)
+    with pytest.raises(ValueError, match=r"t.parquet has no column 'captions'; its columns: \['caption', 'img'\]"):
+        next(source(0, 1))

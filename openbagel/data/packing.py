@@ -6,8 +6,8 @@ sample into per-token arrays; `Packer` groups tokenized samples into rows under 
 rows into batches; `collate` lays the rows out as a `PackedBatch` and builds the dense mask.
 
 All randomness of a sample (CFG dropout, timestep draws) comes from a generator seeded with
-(seed, sample index), so a batch depends only on which samples it holds: resuming, or splitting the
-same samples across ranks, reproduces it exactly.
+(seed, sample index), so a batch depends only on which samples it holds: a resumed run reproduces it
+exactly. Ranks deal the sample stream out by index, so another number of ranks packs other batches.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class PackingConfig:
     vit_cond_dropout_prob: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.rows_per_batch < 1:
+            raise ValueError(f"packing.rows_per_batch must be >= 1, got {self.rows_per_batch}")
         if not 0 < self.expected_num_tokens <= self.max_num_tokens:
             raise ValueError("need 0 < expected_num_tokens <= max_num_tokens")
         if self.max_num_tokens_per_sample > self.max_num_tokens:

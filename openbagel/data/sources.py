@@ -45,6 +45,10 @@ class DataConfig:
     target_copies: int = 1  # Shapes: noisy copies of each target image (each its own timestep)
     image_size: int = 64  # synthetic images
 
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"data.image_size must be a multiple of 16, at least 16, got {self.image_size}")
+
 
 def build_source(cfg: DataConfig, seed: int) -> Source:
     match cfg.kind:
@@ -169,7 +173,7 @@ class ParquetSource:
 
         if not paths:
             raise ValueError("a parquet source needs data.paths (one or more .parquet files)")
-        self.seed, self.make_sample = seed, make_sample
+        self.seed, self.make_sample, self.paths = seed, make_sample, list(paths)
         self.files = [pq.ParquetFile(p) for p in paths]
         self.groups = [(f, g) for f in range(len(self.files)) for g in range(self.files[f].num_row_groups)]
         self.sizes = [self.files[f].metadata.row_group(g).num_rows for f, g in self.groups]
@@ -196,7 +200,14 @@ class ParquetSource:
     def __call__(self, start: int, step: int) -> Iterator[tuple[int, Sample]]:
         for index in itertools.count(start, step):
             g, r = self._locate(index)
-            yield index, self.make_sample(self._rows(g)[r], _rng(self.seed, index))
+            row = self._rows(g)[r]
+            try:
+                sample = self.make_sample(row, _rng(self.seed, index))
+            except KeyError as exc:
+                f, _ = self.groups[g]
+                raise ValueError(f"{self.paths[f]} has no column {exc}; its columns: {sorted(row)} (see "
+                                 "openbagel/data/sources.py for the columns each data.kind reads)") from None
+            yield index, sample
 
 
 class LlavaJsonlSource:

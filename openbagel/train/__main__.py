@@ -1,7 +1,7 @@
-"""`python -m openbagel.train RECIPE ...` (the same as `openbagel train`; works under torchrun)."""
+"""`python -m openbagel.train RECIPE ...` (the same as `openbagel train`, errors included; works under torchrun)."""
 
 import sys
 
-from .main import train_main
+from openbagel.cli import main
 
-sys.exit(train_main())
+sys.exit(main(["train", *sys.argv[1:]]))

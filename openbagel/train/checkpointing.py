@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `step_0000100/` under the run's `checkpoints/`:
 - `state/`: model, EMA and optimiser tensors through `torch.distributed.checkpoint` (each rank writes
-  its own shards; loading reshards, so a run may resume on a different number of ranks);
-- `trainer_rank{r}.pt`: step, scheduler, RNG states and the data position of rank r.
+  its own shards);
+- `trainer_rank{r}.pt`: step, scheduler, RNG states and the data position of rank r. The data stream is
+  dealt out by rank, so a run resumes on the number of processes that wrote it (checked, with a message).
 Every rank writes into `.tmp_step_0000100/`; only when all are done does rank 0 rename it (an atomic
 `os.replace`). A crash mid-write leaves a temp folder that is ignored and removed by the next save, so
 the last complete checkpoint always loads. Older checkpoints beyond `keep` are deleted.
@@ -120,6 +121,11 @@ def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema
 def load_training_checkpoint(path: Path, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              ema: EMA) -> TrainState:
     """Restore tensors in place (resharding as needed), RNG states, and return step/scheduler/data."""
+    writers = len(list(path.glob("trainer_rank*.pt")))
+    if writers != world.size:
+        raise ValueError(f"{path} was written by {writers} process(es) and this run has {world.size}: resume it "
+                         f"with the same number (torchrun --nproc_per_node {writers}), since each process "
+                         "continues its own part of the data stream")
     tensors = _state_tensors(model, optimizer, ema)
     with _single_process_ok():
         dcp.load(tensors, checkpoint_id=str(path / "state"))
@@ -127,9 +133,6 @@ def load_training_checkpoint(path: Path, world: World, model: torch.nn.Module, o
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     ema.load_state_dict(tensors["ema"])
     extra_file = path / f"trainer_rank{world.rank}.pt"
-    if not extra_file.is_file():
-        raise FileNotFoundError(f"{extra_file} is missing: resume with the same number of ranks as the run "
-                                "(the data position is per rank)")
     extra = torch.load(extra_file, weights_only=True)  # plain types only: a tampered file cannot run code
     _set_rng_state(extra["rng"])
     return TrainState(step=extra["step"], scheduler=extra["scheduler"], data=extra["data"])

@@ -13,15 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .recipes import apply_overrides, get_recipe
-    from .trainer import Trainer
-
     from pathlib import Path
 
+    from .checkpointing import latest_checkpoint
     from .embedded import ensure_autoencoder, periodic_eval
+    from .recipes import apply_overrides, get_recipe, check_run_folder
+    from .trainer import Trainer
 
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     out = Path(args.out or f"runs/{args.recipe}")
+    check_run_folder(cfg, out, resume=args.resume, has_checkpoint=latest_checkpoint(out / "checkpoints") is not None)
     if cfg.vae_from and "{out}" in cfg.vae_from:
         cfg.vae_from = cfg.vae_from.format(out=out)
         ensure_autoencoder(args.recipe, Path(cfg.vae_from))
@@ -48,8 +49,3 @@ def register(subparsers) -> None:
     add_arguments(parser)
     parser.set_defaults(func=run)
 
-
-def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="openbagel train")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -35,6 +35,8 @@ def init_distributed(device: str = "auto") -> World:
     """Join the torchrun process group if there is one; pick the device (cuda:LOCAL_RANK or cpu)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this machine has no CUDA GPU (torch {torch.__version__}); use cpu")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(0, 1, torch.device(device))

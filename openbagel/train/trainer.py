@@ -4,8 +4,8 @@ One code path for one CPU process and for `torchrun --nproc_per_node N` (FSDP2, 
 A step gathers `grad_accum` packed micro-batches, normalises both losses per token over the global
 batch (`losses.py`), clips, steps AdamW and the schedule, then updates the EMA. Randomness of a
 micro-batch (VAE posterior sample, flow noise) is seeded by its global index
-`(step * grad_accum + micro) * world + rank`, so a resumed run, or the same global batch split over
-more ranks, computes the same numbers.
+`(step * grad_accum + micro) * world + rank`, so a resumed run computes the same numbers. (Each rank
+packs its own share of the sample stream, so a run on another number of processes sees other batches.)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not (self.lr > 0 and self.min_lr >= 0 and self.warmup_steps >= 0 and self.grad_clip > 0
+                and self.weight_decay >= 0 and self.eps > 0):
+            raise ValueError("optim: lr, eps and grad_clip must be > 0; min_lr, warmup_steps and weight_decay >= 0 "
+                             f"(got lr={self.lr}, eps={self.eps}, grad_clip={self.grad_clip}, min_lr={self.min_lr}, "
+                             f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay})")
 
 
 @dataclass
@@ -110,6 +116,11 @@ class TrainConfig:
             raise ValueError("reinit re-initialises parts of init_from: set init_from too (a random init is all new)")
         if self.data_workers < 0 or self.time_limit_s < 0:
             raise ValueError("data_workers and time_limit_s must be >= 0")
+        for name in ("log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.position_table_scale < 0:
             raise ValueError(f"position_table_scale must be > 0 (or 0: the official sin-cos tables), got {self.position_table_scale}")
 
@@ -249,6 +260,12 @@ class Trainer:
         state = checkpointing.load_training_checkpoint(path, self.world, self.model, self.optimizer, self.ema)
         self.step = state.step
         self.scheduler.load_state_dict(state.scheduler)
+        # The checkpoint's base LR would win over a changed `optim.lr`: the resumed run uses this config's.
+        self.scheduler.base_lrs = [self.cfg.optim.lr] * len(self.optimizer.param_groups)
+        lrs = [self.cfg.optim.lr * f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
         self.packer.load_state(state.data)
 
     def save(self) -> Path:
@@ -327,6 +344,13 @@ class Trainer:
                     self.save()
                     if main:
                         plot_losses(log.path, self.out / "loss_curve.png")
+        except KeyboardInterrupt:
+            # Ctrl-C in one process keeps the steps since the last save (a checkpoint, then --resume). Under
+            # torchrun every rank gets the signal mid-collective: a save could hang, so it is not tried.
+            if history and not self.world.distributed and history[-1].step % cfg.save_every:
+                print(f"interrupted: saving step {self.step} (continue with --resume)", file=sys.stderr)
+                self.save()
+            raise
         finally:
             bar.close()
             if log:
