@@ -183,15 +183,16 @@ def check_run_folder(cfg: TrainConfig, out: Path, *, resume: bool, has_checkpoin
         raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
     if not resume and (has_checkpoint or (out / "metrics.jsonl").exists()):
         raise ValueError(f"{out} already holds a run; continue it with --resume, or give another --out")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and writes
+        return
     now = _flat(dataclasses.asdict(cfg))
     if resume and saved.is_file():
         before = json.loads(saved.read_text())  # written flat by an earlier start of this run
         changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
         if changed:
             print(f"resuming {out} with changed settings: {'; '.join(changed)}", file=sys.stderr)
-    if int(os.environ.get("RANK", "0")) == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(now, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(now, indent=1) + "\n")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
