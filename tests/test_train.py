@@ -285,7 +285,10 @@ def test_run_folder_rules_and_a_resume_with_a_new_learning_rate(tmp_path, tokeni
     cfg, out = small(tokenizer_dir), tmp_path / "run"
     with pytest.raises(ValueError, match="--resume: no complete checkpoint under"):
         check_run_folder(cfg, out, resume=True, has_checkpoint=False)
-    check_run_folder(cfg, out, resume=False, has_checkpoint=False)
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run that died before its first checkpoint
+    check_run_folder(cfg, out, resume=False, has_checkpoint=False)  # starts over rather than dead-ending
+    assert not (out / "metrics.jsonl").exists() and "starting over" in capsys.readouterr().err
     trainer = Trainer(cfg, out)
     trainer.train_step(), trainer.train_step()
     trainer.save()

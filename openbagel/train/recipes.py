@@ -181,10 +181,15 @@ def check_run_folder(cfg: TrainConfig, out: Path, *, resume: bool, has_checkpoin
     saved = out / "train_config.json"
     if resume and not has_checkpoint:
         raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
-    if not resume and (has_checkpoint or (out / "metrics.jsonl").exists()):
+    if not resume and has_checkpoint:
         raise ValueError(f"{out} already holds a run; continue it with --resume, or give another --out")
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and writes
         return
+    stale = out / "metrics.jsonl"
+    if not resume and stale.exists():  # a run that stopped before its first checkpoint: nothing to resume
+        print(f"{out}: the earlier run left no checkpoint; starting over (its metrics.jsonl is replaced)",
+              file=sys.stderr)
+        stale.unlink()
     now = _flat(dataclasses.asdict(cfg))
     if resume and saved.is_file():
         before = json.loads(saved.read_text())  # written flat by an earlier start of this run
