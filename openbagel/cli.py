@@ -197,7 +197,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if not (args.image or args.resume):
         raise InputError("give an IMAGE to start from, or --resume a saved session folder")
     out_dir = Path(args.out)
-    if (out_dir / "session.json").exists() and Path(args.resume or "").resolve() != out_dir.resolve():
+    resuming_here = args.resume is not None and Path(args.resume).resolve() == out_dir.resolve()
+    if (out_dir / "session.json").exists() and not resuming_here:
         raise InputError(f"{out_dir} already holds a session; continue it with --resume {out_dir}, "
                          "or give another --out")
     image = _open(args.image, "image") if args.image else None

@@ -197,6 +197,7 @@ def test_bad_sessions_and_requests(tiny_pipeline, tmp_path):
     session = tiny_pipeline.session(Image.new("RGB", (64, 64)), num_inference_steps=2)
     with pytest.raises(InputError, match="seed must be a non-negative integer"):
         session.edit("make it red", seed=-1)
+    assert tiny_pipeline.session(Image.new("RGB", (64, 64)), seed=2**63 - 1, num_inference_steps=2).edit("x").images
     with pytest.raises(InputError, match=re.escape("run takes a list of openbagel.Request objects")):
         tiny_pipeline.run([{"task": "generate", "text": "x"}])
     with pytest.raises(InputError, match="not a float type"):

@@ -96,6 +96,10 @@ def test_chat_reads_piped_stdin(monkeypatch, shared_pipeline, scene, tmp_path, c
     monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
     code, _, stderr = run(["chat", scene, "--out", out, *FAST], capsys)  # a new session would overwrite it
     assert code == 1 and f"{out} already holds a session; continue it with --resume {out}" in stderr
+    monkeypatch.chdir(out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    code, _, stderr = run(["chat", scene, "--out", ".", *FAST], capsys)  # the same folder, named otherwise
+    assert code == 1 and "already holds a session" in stderr
     assert len(json.loads((out / "session.json").read_text())["turns"]) == 3
 
 

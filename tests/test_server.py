@@ -184,6 +184,23 @@ def test_chat_n_choices_and_a_bare_image_url(client):
         {"role": "user", "content": [{"type": "image_url", "image_url": data_url(scene())},
                                      {"type": "text", "text": "what color is the circle?"}]}])
     assert again.choices[0].message.content == reply.choices[1].message.content  # choice i has seed + i
+    assert reply.usage.prompt_tokens == again.usage.prompt_tokens  # one prompt, counted once
+    assert reply.usage.completion_tokens == reply.usage.total_tokens - reply.usage.prompt_tokens
+    unset = client.chat.completions.create(model="m", max_tokens=2, n=None, messages=[{"role": "user", "content": "hi"}])
+    assert len(unset.choices) == 1
+
+
+def test_partial_think_tags_and_form_lists():
+    from openbagel.serve import protocol as P
+
+    assert P.split_partial("<") == ("", "") and P.split_partial("<th") == ("", "")  # undecided: nothing yet
+    assert P.split_partial("<think>so: make") == ("so: make", "")
+    assert P.split_partial("<think>so</think> red") == ("so", "red")
+    assert P.split_partial("<b>red") == ("", "<b>red") and P.split_partial("red") == ("", "red")
+    body = P.ImageEditRequest.from_form([("prompt", "x"), ("cfg_interval[]", "0.0"), ("cfg_interval[]", "1.0")])
+    assert body.settings["cfg_interval"] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="was sent both as 'prompt' and as 'prompt\\[\\]'"):
+        P.ImageEditRequest.from_form([("prompt", "x"), ("prompt[]", "y")])
 
 
 def test_chat_streams_the_thought_and_answer(client):

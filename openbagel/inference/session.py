@@ -38,7 +38,7 @@ class Turn:
 
 def _context_generator(seed: int, index: int) -> torch.Generator:
     """The generator of the VAE posterior draw of context image `index` (0 = the source image)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)  # any seed below 2**63
 
 
 class Conversations:

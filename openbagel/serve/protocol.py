@@ -55,7 +55,10 @@ class _Request(BaseModel):
         values: dict[str, Any] = {}
         for key, text in fields:
             if key.endswith("[]"):
-                values.setdefault(key[:-2], []).append(_form_value(text))
+                items = values.setdefault(key[:-2], [])
+                if not isinstance(items, list):
+                    raise ValueError(f"{key[:-2]} was sent both as {key[:-2]!r} and as {key!r}; send one of them")
+                items.append(_form_value(text))
             else:
                 values[key] = text if key in cls.model_fields else _form_value(text)
         return cls.model_validate(values)
@@ -165,7 +168,8 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="choices, with seeds seed, seed + 1, ...")
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="choices (default 1), with seeds "
+                          "seed, seed + 1, ...")
     modalities: list[Literal["text", "image"]] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -181,7 +185,7 @@ class ChatCompletionRequest(_Request):
         for name, what in UNSUPPORTED_CHAT_FIELDS.items():
             if (self.model_extra or {}).get(name) is not None:
                 raise ValueError(f"{name}: {what} is not supported by this server; leave {name!r} out")
-        if self.stream and self.n > 1:
+        if self.stream and (self.n or 1) > 1:
             raise ValueError("n: stream=true sends one choice; leave n out or drop stream")
         return self
 
@@ -360,6 +364,8 @@ def split_partial(text: str) -> tuple[str, str]:
     body = text.lstrip()
     if not body.startswith("<think>"[:len(body)]):
         return "", text
+    if len(body) < len("<think>"):  # '<', '<th': maybe the start of a thought, maybe not; wait and see
+        return "", ""
     head, sep, tail = body.partition("</think>")
     thought = head.removeprefix("<think>").lstrip()
     return (thought, tail.lstrip()) if sep else (thought, "")

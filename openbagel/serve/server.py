@@ -430,7 +430,7 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
         if kind == "edit":
             height = width = None  # an edit keeps the input's size
         tasks = [Task(kind, text, image, think=body.think, seed=s, height=height, width=width,
-                      settings=body.settings) for s in _seeds(body.seed, body.n)]
+                      settings=body.settings) for s in _seeds(body.seed, body.n or 1)]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.wants_image:
@@ -452,7 +452,7 @@ def create_app(pipe: BagelPipeline, *, model_name: str | None = None, api_key: s
             choices.append(P.Choice(index=index, message=message, finish_reason=out.finish_reason or "stop"))
         usage = None
         if all(o.prompt_tokens is not None for o in outs):
-            usage = P.Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+            usage = P.Usage.of(outs[0].prompt_tokens, sum(o.completion_tokens for o in outs))  # one prompt, n answers
         return P.ChatCompletion(id=completion_id, model=model_name, choices=choices, usage=usage)
 
     # ----- sessions ----------------------------------------------------------------------------------

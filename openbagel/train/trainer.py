@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -344,13 +343,6 @@ class Trainer:
                     self.save()
                     if main:
                         plot_losses(log.path, self.out / "loss_curve.png")
-        except KeyboardInterrupt:
-            # Ctrl-C in one process keeps the steps since the last save (a checkpoint, then --resume). Under
-            # torchrun every rank gets the signal mid-collective: a save could hang, so it is not tried.
-            if history and not self.world.distributed and history[-1].step % cfg.save_every:
-                print(f"interrupted: saving step {self.step} (continue with --resume)", file=sys.stderr)
-                self.save()
-            raise
         finally:
             bar.close()
             if log:
