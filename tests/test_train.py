@@ -280,22 +280,22 @@ def test_autoencoder_outline_weights_the_pixels_where_shapes_differ():
 def test_run_folder_rules_and_a_resume_with_a_new_learning_rate(tmp_path, tokenizer_dir, capsys):
     """A new run refuses a folder that holds one; --resume needs a checkpoint, says which settings changed,
     and applies a changed optim.lr from the resumed step on."""
-    from openbagel.train.recipes import check_run_folder
+    from openbagel.train.main import check_run_folder
 
     cfg, out = small(tokenizer_dir), tmp_path / "run"
     with pytest.raises(ValueError, match="--resume: no complete checkpoint under"):
-        check_run_folder(cfg, out, resume=True, has_checkpoint=False)
+        check_run_folder(cfg, out, resume=True)
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run that died before its first checkpoint
-    check_run_folder(cfg, out, resume=False, has_checkpoint=False)  # starts over rather than dead-ending
+    check_run_folder(cfg, out, resume=False)  # starts over rather than dead-ending
     assert not (out / "metrics.jsonl").exists() and "starting over" in capsys.readouterr().err
     trainer = Trainer(cfg, out)
     trainer.train_step(), trainer.train_step()
     trainer.save()
     with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
-        check_run_folder(cfg, out, resume=False, has_checkpoint=True)
+        check_run_folder(cfg, out, resume=False)
     changed = small(tokenizer_dir, **{"optim.lr": 5e-4, "steps": 8})
-    check_run_folder(changed, out, resume=True, has_checkpoint=True)
+    check_run_folder(changed, out, resume=True)
     assert "changed settings: optim.lr 0.001 -> 0.0005; steps 4 -> 8" in capsys.readouterr().err
     resumed = Trainer(changed, out, resume=True)
     assert resumed.train_step().lr == pytest.approx(5e-4 * 1.0)  # past the 2 warm-up steps: the new base LR

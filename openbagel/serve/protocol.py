@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from ..inference.pipeline import split_thought
 from .wire import MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, parse_size
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -362,10 +363,7 @@ def split_partial(text: str) -> tuple[str, str]:
     """(thought so far, answer so far) of a partly decoded text; a thought is a leading '<think>...</think>',
     asked for or not, so the answer never carries the tags."""
     body = text.lstrip()
-    if not body.startswith("<think>"[:len(body)]):
-        return "", text
-    if len(body) < len("<think>"):  # '<', '<th': maybe the start of a thought, maybe not; wait and see
+    if len(body) < len("<think>") and "<think>".startswith(body):  # '<', '<th': maybe a thought; wait and see
         return "", ""
-    head, sep, tail = body.partition("</think>")
-    thought = head.removeprefix("<think>").lstrip()
-    return (thought, tail.lstrip()) if sep else (thought, "")
+    thought, answer = split_thought(text)
+    return thought or "", answer

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the module stays light: `openbagel --help` builds its parser
+    from .trainer import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,16 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .checkpointing import latest_checkpoint
     from .embedded import ensure_autoencoder, periodic_eval
-    from .recipes import apply_overrides, get_recipe, check_run_folder
+    from .recipes import apply_overrides, get_recipe
     from .trainer import Trainer
 
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     out = Path(args.out or f"runs/{args.recipe}")
-    check_run_folder(cfg, out, resume=args.resume, has_checkpoint=latest_checkpoint(out / "checkpoints") is not None)
+    check_run_folder(cfg, out, resume=args.resume)
     if cfg.vae_from and "{out}" in cfg.vae_from:
         cfg.vae_from = cfg.vae_from.format(out=out)
         ensure_autoencoder(args.recipe, Path(cfg.vae_from))
@@ -33,6 +39,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"step {last.step}: loss {first.loss:.4f} -> {last.loss:.4f} (ce {last.ce:.4f}, mse {last.mse:.4f}); "
               f"run folder {trainer.out}")
     return 0
+
+
+def check_run_folder(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
+    """Before any work: a new run needs a fresh folder, `--resume` a checkpoint. The run's settings are
+    kept in `out/train_config.json`; a resume that changes them says which (a longer cosine or a new
+    learning rate are normal reasons), so nothing changes silently."""
+    from .checkpointing import latest_checkpoint
+
+    saved = out / "train_config.json"
+    has_checkpoint = latest_checkpoint(out / "checkpoints") is not None
+    if resume and not has_checkpoint:
+        raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
+    if not resume and has_checkpoint:
+        raise ValueError(f"{out} already holds a run; continue it with --resume, or give another --out")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and writes
+        return
+    stale = out / "metrics.jsonl"
+    if not resume and stale.exists():  # a run that stopped before its first checkpoint: nothing to resume
+        print(f"{out}: the earlier run left no checkpoint; starting over (its metrics.jsonl is replaced)",
+              file=sys.stderr)
+        stale.unlink()
+    now = _flat(dataclasses.asdict(cfg))
+    if resume and saved.is_file():
+        before = json.loads(saved.read_text())  # written flat by an earlier start of this run
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+        if changed:
+            print(f"resuming {out} with changed settings: {'; '.join(changed)}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(now, indent=1) + "\n")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}, tuples as lists (as JSON keeps them)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("shapes_mix", "think_prob"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return out
 
 
 def register(subparsers) -> None:

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
-import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from ..data.packing import PackingConfig
 from ..data.sources import DataConfig
@@ -172,43 +167,6 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny-shapes": tiny_shapes,
     "bagel-7b-finetune": bagel_7b_finetune,
 }
-
-
-def check_run_folder(cfg: TrainConfig, out: Path, *, resume: bool, has_checkpoint: bool) -> None:
-    """Before any work: a new run needs a fresh folder, `--resume` a checkpoint. The run's settings are
-    kept in `out/train_config.json`; a resume that changes them says which (a longer cosine or a new
-    learning rate are normal reasons), so nothing changes silently."""
-    saved = out / "train_config.json"
-    if resume and not has_checkpoint:
-        raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
-    if not resume and has_checkpoint:
-        raise ValueError(f"{out} already holds a run; continue it with --resume, or give another --out")
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and writes
-        return
-    stale = out / "metrics.jsonl"
-    if not resume and stale.exists():  # a run that stopped before its first checkpoint: nothing to resume
-        print(f"{out}: the earlier run left no checkpoint; starting over (its metrics.jsonl is replaced)",
-              file=sys.stderr)
-        stale.unlink()
-    now = _flat(dataclasses.asdict(cfg))
-    if resume and saved.is_file():
-        before = json.loads(saved.read_text())  # written flat by an earlier start of this run
-        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
-        if changed:
-            print(f"resuming {out} with changed settings: {'; '.join(changed)}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(now, indent=1) + "\n")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}, tuples as lists (as JSON keeps them)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if dataclasses.is_dataclass(value) or (isinstance(value, dict) and key not in ("shapes_mix", "think_prob")):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.loads(json.dumps(value))
-    return out
 
 
 def get_recipe(name: str) -> TrainConfig:
