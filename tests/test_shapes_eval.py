@@ -166,6 +166,18 @@ def test_generate_think_draws_the_same_tasks_as_the_full_set():
     assert all(modes) and thinking == full[:len(thinking)]
 
 
+def test_think_modes_share_tasks_and_categories_draw_apart():
+    """Thinking and plain rows ask the same tasks (a paired comparison), and one category's tasks do not
+    depend on which other categories are evaluated."""
+    from openbagel.shapes.evaluate import eval_tasks
+    tasks, modes = eval_tasks(3, 0, {"reason_edit": (False, True)})
+    per_sub = [tasks[i:i + 6] for i in range(0, len(tasks), 6)]
+    assert all(group[:3] == group[3:] for group in per_sub) and modes[:6] == [False] * 3 + [True] * 3
+    alone, _ = eval_tasks(3, 0, {"question": (False,)})
+    mixed, _ = eval_tasks(3, 0, {"edit": (False,), "question": (False,)})
+    assert mixed[-len(alone):] == alone and eval_tasks(3, 1, {"question": (False,)})[0] != alone
+
+
 def test_cli_eval_generate_think_reports_thinking_rows(tmp_path):
     from openbagel.shapes.cli import main
     main(["eval", "shapes", "--oracle", "-n", "1", "--kinds", "generate+think", "--out", str(tmp_path / "r.json")])

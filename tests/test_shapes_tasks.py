@@ -108,6 +108,28 @@ def test_counting_rule_takes_otherwise_on_a_tie():
     assert seen_tie
 
 
+def test_generators_cover_the_spec_forms_and_balance_the_answers():
+    """Forms the spec allows are drawn (a shared colour, shapes the scene lacks), and answers a random scene
+    makes common (a tie, zero) stay far from a safe guess."""
+    attribution = [t.text.split() for t in tasks_of("generate", "attribution", range(200))]
+    assert any(w[1] == w[5] for w in attribution) and any(w[1] != w[5] for w in attribution)
+    presence = set()
+    for task in tasks_of("reason_question", "more", range(200)):
+        a, b = re.fullmatch(r"are there more (\w+)s than (\w+)s\?", task.text).groups()
+        shapes = {o.shape for o in task.source.objects}
+        presence.add((a in shapes, b in shapes))
+        assert task.answer == ("yes" if sum(o.shape == a for o in task.source.objects)
+                               > sum(o.shape == b for o in task.source.objects) else "no")
+    assert presence == {(True, True), (True, False), (False, True), (False, False)}
+    ties = 0
+    for task in tasks_of("reason_edit", "counting_rule", range(300)):
+        a, b = re.match(r"if there are more (\w+)s than (\w+)s", task.text).groups()
+        ties += sum(o.shape == a for o in task.source.objects) == sum(o.shape == b for o in task.source.objects)
+    assert 0.2 < ties / 300 < 0.5  # random scenes tie in ~60% of cases
+    zeros = sum(t.answer == "0" for t in tasks_of("reason_question", "bigger_count", range(300)))
+    assert zeros / 300 < 0.6
+
+
 def test_reasoning_edit_rules():
     for task in tasks_of("reason_edit", "odd_one_out"):
         assert len(task.source.objects) >= 3

@@ -212,15 +212,20 @@ def format_table(report: Mapping) -> str:
 # --- the driver ----------------------------------------------------------------------------------
 
 def eval_tasks(n: int, seed: int, think_modes: Mapping[str, Sequence[bool]]) -> tuple[list[Task], list[bool]]:
-    """n tasks per (kind, sub-kind, think mode), from the evaluation seed stream."""
-    rng = random.Random(TRAIN_SEED_LIMIT + seed)
+    """n tasks per (kind, sub-kind), from the evaluation seed stream, each asked once per think mode.
+
+    Every think mode gets the same tasks, so "with thinking" and "without" compare on the same prompts.
+    Each (kind, sub-kind) draws from its own stream: changing one generator leaves the others' tasks as
+    they were.
+    """
     tasks, thinks = [], []
     for kind, modes in think_modes.items():
         for sub in GENERATORS[kind]:
+            rng = random.Random(f"{TRAIN_SEED_LIMIT + seed}:{kind}:{sub}")
+            drawn = [make_task(rng, kind, sub) for _ in range(n)]
             for mode in modes:
-                for _ in range(n):
-                    tasks.append(make_task(rng, kind, sub))
-                    thinks.append(mode)
+                tasks += drawn
+                thinks += [mode] * n
     return tasks, thinks
 
 
