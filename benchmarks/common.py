@@ -91,6 +91,11 @@ def rss() -> int:
     return _proc_status("VmRSS")
 
 
+def anon_rss() -> int:
+    """Resident memory the process holds itself, without the file pages it maps (RssAnon)."""
+    return _proc_status("RssAnon")
+
+
 def reset_peak_rss() -> None:
     """Reset VmHWM to the current RSS (no polling thread: it would fight the OpenMP workers)."""
     try:

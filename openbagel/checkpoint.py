@@ -134,8 +134,13 @@ def _expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
 
 
 def load_checkpoint(path_or_repo_id: str | Path, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
-    """Build on meta, check, then assign the checkpoint's tensors in `dtype` on `device`."""
+                    dtype: torch.dtype | None = torch.float32,
+                    vae_dtype: torch.dtype | None = torch.float32) -> LoadedCheckpoint:
+    """Build on meta, check, then assign the checkpoint's tensors in `dtype` on `device`.
+
+    `dtype=None` keeps each tensor as the file stores it: on CPU the tensors then stay memory-mapped,
+    nothing is copied, and a later pass can convert them a layer at a time (inference.quantize).
+    """
     directory = resolve_path(path_or_repo_id)
     try:
         cfg = BagelConfig.load(directory)

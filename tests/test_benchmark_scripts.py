@@ -42,3 +42,25 @@ def test_data_workers_benchmark_runs(tmp_path):
     assert report["vae_images_per_batch"] > 0
     assert [r["what"].split(",")[0] for r in report["rows"]] == ["pack one batch (one process)", "receive", "receive"]
     assert all(r["seconds"] > 0 for r in report["rows"])
+
+
+def test_cpu_7b_benchmark_writes_a_streamed_checkpoint_and_loads_it_quantised(tmp_path):
+    """The full-size run's path at the unit-test size: the hand-written safetensors file loads strictly."""
+    import torch
+    from safetensors import safe_open
+
+    out, work = tmp_path / "cpu.json", tmp_path / "ck"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cpu_7b.py"), "--config", "tiny", "--work", str(work),
+           "--side", "64", "--tokens", "3", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["load_s"] > 0 and row["peak_gib"] >= row["load_peak_gib"] > 0 and row["denoise_steps"] == 2
+    assert 1 <= row["answer_tokens"] <= 3 and row["t2i_s"] > row["per_step_s"] > 0
+    with safe_open(str(work / "ema.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        norm = next(k for k in keys if k.endswith("input_layernorm.weight"))
+        bias = next(k for k in keys if k.endswith("q_proj.bias"))
+        weight = next(k for k in keys if k.endswith("q_proj.weight"))
+        assert f.get_tensor(norm).eq(1).all() and f.get_tensor(bias).eq(0).all()
+        w = f.get_tensor(weight)
+        assert w.dtype == torch.bfloat16 and 0.015 < w.float().std() < 0.025 and not w[0].equal(w[1])

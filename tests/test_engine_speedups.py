@@ -93,6 +93,18 @@ def test_int8_linear_matches_fp32():
         assert _rel(q(x), lin(x)) < 1e-2
 
 
+@pytest.mark.parametrize("tokens", [3, 40])  # one-token-at-a-time blocks and the larger prefill blocks
+def test_int8_linear_blockwise_cpu_matmul_equals_dequantising_the_whole_weight(tokens):
+    """On CPU the weight is dequantised a block of rows at a time (several blocks here, the last partial)."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(torch.nn.Linear(64, 70_001))
+    x = torch.randn(2, tokens, 64)
+    whole = torch.nn.functional.linear(x, q.weight.float()) * q.scales + q.bias
+    with torch.no_grad():
+        got = q(x)
+    assert got.shape == (2, tokens, 70_001) and torch.allclose(got, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_pipeline_runs_and_shrinks(tiny_checkpoint):
     from openbagel.inference.pipeline import BagelPipeline
 
@@ -127,6 +139,24 @@ def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint):
         quantize(after.engine.model, "torchao-fp8")
     with pytest.raises(ValueError, match="do not combine"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", offload=True)
+
+
+def test_quantized_loading_of_a_bf16_file_converts_one_layer_at_a_time(tiny_checkpoint, tmp_path):
+    """A bf16 checkpoint quantised while loading on CPU: every tensor that is not int8 ends in the compute
+    dtype, and the model equals the one quantised after a full fp32 load."""
+    from openbagel.checkpoint import load_checkpoint, save_checkpoint
+    from openbagel.inference.pipeline import BagelPipeline
+
+    ck = load_checkpoint(tiny_checkpoint)
+    bf16 = save_checkpoint(tmp_path / "bf16", ck.config, ck.model, ck.vae, ck.tokenizer, dtype=torch.bfloat16)
+    mapped = load_checkpoint(bf16, dtype=None)
+    assert {p.dtype for p in mapped.model.parameters()} == {torch.bfloat16}  # as stored, nothing converted
+    loaded = BagelPipeline.from_pretrained(bf16, device="cpu", dtype="fp32", quantize="int8")
+    after = BagelPipeline.from_pretrained(bf16, device="cpu", dtype="fp32", pack=False)
+    quantize(after.engine.model, "int8")
+    got, expected = loaded.engine.model.state_dict(), after.engine.model.state_dict()
+    assert {v.dtype for v in got.values()} == {torch.int8, torch.float32}
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
 @pytest.mark.slow

@@ -105,8 +105,9 @@ class BagelPipeline:
 
         `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
         (`inference/offload.py`): for GPUs that cannot hold the whole model. `quantize` (a mode of
-        `inference/quantize.py`: int8, torchao-int8, torchao-int4, torchao-fp8, bnb-int8, bnb-nf4) loads the weights
-        into CPU memory and quantises the language model layer by layer on its way to `device`. `pack`
+        `inference/quantize.py`: int8, torchao-int8, torchao-int4, torchao-fp8, bnb-int8, bnb-nf4) maps the weights
+        from the file and quantises the language model layer by layer on its way to `device`, converting
+        one layer at a time to `dtype` (the 7B loads on a 24 GiB CPU machine this way). `pack`
         runs the fp32 Linear layers on oneDNN with weights reordered on each layer's first call
         (`inference/onednn.py`; default: on for fp32 on CPU without quantize or offload; pass False to
         quantise or train the model later). `torch_dtype` is diffusers' name for `dtype`.
@@ -130,9 +131,9 @@ class BagelPipeline:
             if pack or (pack is None and onednn.available(device, dtype)):
                 onednn.pack_linears(checkpoint.model)
             return cls(checkpoint)
-        checkpoint = load_checkpoint(path, device="cpu", dtype=dtype)
+        checkpoint = load_checkpoint(path, device="cpu", dtype=None if quantize else dtype)  # quantize: mmap'd
         if quantize:
-            quantize_model(checkpoint.model, quantize, device=device)
+            quantize_model(checkpoint.model, quantize, device=device, dtype=dtype)
         else:
             offload_layers(checkpoint.model, device)
         checkpoint.vae.to(device)

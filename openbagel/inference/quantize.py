@@ -56,8 +56,29 @@ class Int8Linear(nn.Module):
         return cls(q, scales.to(linear.weight.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if x.device.type == "cpu" and not (x.requires_grad or torch.compiler.is_compiling()):
+            y = self._blockwise(x)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def _blockwise(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ dequant(W).T a block of output rows at a time, each dequantised into one cache-sized buffer.
+
+        Dequantising the whole weight writes it out in full precision and reads it back on every call: at
+        the 7B's widths that made a token's matmul 6-11x slower than fp32, while the blocked form is faster
+        than fp32 there (it reads a quarter of the bytes). Larger inputs take larger blocks, so the matmuls
+        stay efficient.
+        """
+        flat = x.reshape(-1, self.in_features)
+        rows = max(1, (2**20 if flat.shape[0] <= 16 else 2**22) // self.in_features)
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        buffer = flat.new_empty(min(rows, self.out_features), self.in_features)
+        for a in range(0, self.out_features, rows):
+            w = buffer[:min(rows, self.out_features - a)]
+            w.copy_(self.weight[a:a + rows])
+            torch.mm(flat, w.T, out=out[:, a:a + rows])
+        return out.mul_(self.scales.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -76,9 +97,15 @@ def check_mode(mode: str, device: torch.device | str | None = None) -> None:
 
 def quantize(model: nn.Module, mode: str = "int8",
              include: Callable[[str, nn.Module], bool] = language_model_linears,
-             device: torch.device | str | None = None) -> nn.Module:
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the selected Linear layers in place; returns the model. With `device`, the whole model moves
-    there: each selected layer is moved and quantised in turn, then the remaining tensors follow."""
+    there: each selected layer is moved and quantised in turn, then the remaining tensors follow.
+
+    With `dtype`, each selected layer is cast to it just before it is quantised, and the other floating
+    tensors after: a model still in its file's dtype (memory-mapped by `load_checkpoint(dtype=None)`)
+    never holds more than one layer in `dtype`. That is how the 7B loads on CPU in less memory than its
+    fp32 (59 GB) or bf16 (29 GB) weights.
+    """
     target = None if device is None else torch.device(device)
     check_mode(mode, target or next(model.parameters()).device)
     from .onednn import PackedLinear  # lazy: onednn builds on replace_linears below
@@ -92,14 +119,21 @@ def quantize(model: nn.Module, mode: str = "int8",
         make = _bnb_factory(mode)
     else:
         make = Int8Linear.from_linear
-    names = replace_linears(model, include, lambda linear: make(linear, target or linear.weight.device))
-    if target is not None:
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        if dtype is not None:
+            linear.to(dtype)
+        return make(linear, target or linear.weight.device)
+
+    names = replace_linears(model, include, convert)
+    if target is not None or dtype is not None:
         from accelerate.utils import set_module_tensor_to_device
 
         quantized = set(names)
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if name.rpartition(".")[0] not in quantized:
-                set_module_tensor_to_device(model, name, target, value=tensor.data)
+                cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                set_module_tensor_to_device(model, name, target or tensor.device, value=tensor.data, dtype=cast)
     return model
 
 

@@ -1,0 +1,152 @@
+"""The full-size 7B-MoT on this CPU, quantised to int8 while it loads: what `--quantize int8` gives a
+machine without a GPU. Load time and memory against the file's size, the time to the first answer token
+and per token after it, and the time per denoising step of a text-to-image call.
+
+Usage:
+    python benchmarks/cpu_7b.py --work /tmp/openbagel-7b                # writes a 29 GB random bf16 checkpoint once
+    python benchmarks/cpu_7b.py --config wide --work /tmp/obw --side 64  # the same path at 2 layers, seconds
+
+The model fits this 24 GiB machine in no float dtype (59 GB fp32, 29 GB bf16), so the checkpoint is written
+a tensor at a time, in the safetensors layout, from a pool of N(0, 0.02) values (norm weights 1, biases 0):
+random weights in the official file layout, bf16 as the released `ema.safetensors`. The measurement runs
+in a fresh process (`--worker`), so its resident high-water mark (VmHWM) is the load's and the calls'.
+VmHWM counts the file pages the load maps as well; `anon_gib` is the memory the process itself holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (GiB, PROMPT_T2I, anon_rss, bench_config, bench_tokenizer, environment, peak_rss,  # noqa: E402
+                    report, test_image)
+
+from openbagel.checkpoint import AE_FILE, EMA_FILE  # noqa: E402
+from openbagel.config import BagelConfig  # noqa: E402
+from openbagel.models.bagel import Bagel  # noqa: E402
+from openbagel.models.vae import AutoEncoder  # noqa: E402
+
+POOL = 2**24 + 43  # values cycled through: an odd length, so no two rows of a matrix repeat each other
+
+
+def write_streamed(shapes: dict[str, torch.Size], path: Path, seed: int = 0) -> None:
+    """A bf16 safetensors file of random weights, written one tensor at a time (never all in memory)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in shapes.items():
+        size = shape.numel() * 2
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    gen = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(POOL, generator=gen) * 0.02).to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key, shape in shapes.items():
+            n = shape.numel()
+            if key.endswith(".bias"):
+                fill = torch.zeros(n, dtype=torch.bfloat16)
+            elif "norm" in key:
+                fill = torch.ones(n, dtype=torch.bfloat16)
+            else:
+                start = int(torch.randint(POOL, (1,), generator=gen))
+                fill = pool.roll(-start).repeat(n // POOL + 1)[:n]
+            f.write(fill.view(torch.int16).numpy().tobytes())
+    tmp.replace(path)
+
+
+def write_random_checkpoint(cfg: BagelConfig, directory: Path) -> Path:
+    """The official layout: config files, a small tokenizer, ema.safetensors (streamed), ae.safetensors."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg.save(directory)
+    bench_tokenizer(cfg).save(directory)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Bagel(cfg).state_dict().items()}
+    save_file(AutoEncoder(cfg.vae).state_dict(), str(directory / AE_FILE), metadata={"format": "pt"})
+    write_streamed(shapes, directory / EMA_FILE)
+    return directory
+
+
+def anon_gib() -> float:
+    return round(anon_rss() / GiB, 2)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Load quantised, answer one question token by token, draw one image; print one JSON line."""
+    from openbagel.inference.pipeline import BagelPipeline, Request
+
+    torch.set_num_threads(args.threads)  # glibc's default malloc, as a user gets (allocator.py stays opt-in)
+    row: dict = {"config": args.config, "quantize": "int8", "dtype": "fp32",
+                 "disk_gib": round(sum(f.stat().st_size for f in Path(args.work).glob("*.safetensors")) / GiB, 2)}
+    start = time.perf_counter()
+    pipe = BagelPipeline.from_pretrained(args.work, device="cpu", dtype="fp32", quantize="int8")
+    pipe.set_progress_bar_config(disable=True)
+    row.update(load_s=round(time.perf_counter() - start, 1), load_peak_gib=round(peak_rss() / GiB, 2),
+               load_anon_gib=anon_gib())
+
+    stamps: list[float] = []
+    start = time.perf_counter()
+    out = pipe.run([Request("understand", "What is in the picture?", test_image(224),
+                            settings={"max_new_tokens": args.tokens})],
+                   on_text=lambda i, text: stamps.append(time.perf_counter()))[0]
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    row.update(answer_tokens=out.completion_tokens, first_token_s=round(stamps[0] - start, 1),
+               per_token_s=round(gaps[len(gaps) // 2], 2) if gaps else None)
+
+    steps: list[float] = []
+    start = time.perf_counter()
+
+    def step_end(pipe_, step, t, kwargs):
+        steps.append(time.perf_counter())
+        return kwargs
+
+    pipe.generate(PROMPT_T2I, height=args.side, width=args.side, num_inference_steps=args.timesteps, seed=0,
+                  callback_on_step_end=step_end)
+    row.update(side=args.side, denoise_steps=len(steps), t2i_s=round(time.perf_counter() - start, 2),
+               per_step_s=round((steps[-1] - steps[0]) / (len(steps) - 1), 2) if len(steps) > 1 else None,
+               peak_gib=round(peak_rss() / GiB, 2), anon_gib=anon_gib())
+    print(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="bagel-7b-mot", help="bagel-7b-mot (full size) or wide (2 layers)")
+    parser.add_argument("--work", default="/tmp/openbagel-7b", help="where the random checkpoint is written once")
+    parser.add_argument("--tokens", type=int, default=8, help="answer tokens to decode")
+    parser.add_argument("--side", type=int, default=256, help="text-to-image side in pixels")
+    parser.add_argument("--timesteps", type=int, default=3, help="timesteps (N timesteps = N-1 denoising steps)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="default benchmarks/cpu_7b_<config>.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    work = Path(args.work)
+    if not (work / EMA_FILE).is_file():
+        start = time.perf_counter()
+        write_random_checkpoint(bench_config(args.config), work)
+        print(f"wrote {work} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    run = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"worker failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    columns = ["config", "disk_gib", "load_s", "load_peak_gib", "load_anon_gib", "first_token_s", "per_token_s",
+               "side", "per_step_s", "t2i_s", "peak_gib", "anon_gib"]
+    report([row], columns, args.out or Path(__file__).parent / f"cpu_7b_{args.config}.json",
+           environment(args.threads))
+
+
+if __name__ == "__main__":
+    main()
