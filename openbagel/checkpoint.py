@@ -11,12 +11,13 @@ never read.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import BagelConfig, ConfigError
@@ -91,22 +92,72 @@ def _ema_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} has no {EMA_FILE} (or {EMA_INDEX}); is it a BAGEL checkpoint?")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class MappedSafetensors:
+    """A safetensors file whose tensors are memory-mapped one at a time, each copy-on-write.
+
+    safetensors' own reader maps the whole file privately, and Linux's default overcommit check refuses
+    one private mapping larger than RAM + swap: the 7B's single 29 GB file could not even be opened on
+    a 24 GiB machine. A tensor's own mapping reads nothing until used, and a write copies only the pages
+    it touches (the file never changes).
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if n <= 100_000_000 else None
+                size = os.fstat(f.fileno()).st_size
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read its header ({exc}); the file is truncated or not "
+                                  "safetensors — download it again") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is not a safetensors file — download it again")
+        header.pop("__metadata__", None)
+        self.path, self.start, self.entries = path, 8 + n, header
+        try:
+            ends = [self.start + e["data_offsets"][1] for e in header.values()]
+            bad = [k for k, e in header.items() if e["dtype"] not in _DTYPES]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path}: its header is malformed ({exc}) — download it again") from None
+        if bad:
+            raise CheckpointError(f"{path}: unsupported tensor dtype in {bad[:3]}")
+        if max(ends, default=self.start) > size:
+            raise CheckpointError(f"{path} is truncated ({size} of {max(ends)} bytes) — download it again")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> torch.Size:
+        return torch.Size(self.entries[key]["shape"])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        dtype, (begin, end) = _DTYPES[entry["dtype"]], entry["data_offsets"]
+        if end == begin:
+            return torch.empty(self.shape(key), dtype=dtype)
+        offset = self.start + begin
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), offset - aligned + end - begin, access=mmap.ACCESS_COPY, offset=aligned)
+        count = (end - begin) // dtype.itemsize
+        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset - aligned).view(self.shape(key))
+
+
 def read_tensors(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype | None,
                  device: torch.device | str, what: str) -> dict[str, torch.Tensor]:
     """Read safetensors files after checking every key and shape against `expected`."""
-    handles = []
-    try:
-        for f in files:
-            handles.append((f, safe_open(str(f), framework="pt", device="cpu")))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{what}: cannot read {exc}; the file is truncated or not safetensors — "
-                              "download it again") from None
-    found: dict[str, tuple[Path, object]] = {}
+    found: dict[str, MappedSafetensors] = {}
     shapes: dict[str, torch.Size] = {}
-    for f, h in handles:
+    for f in files:
+        h = MappedSafetensors(f)
         for key in h.keys():
-            found[key] = (f, h)
-            shapes[key] = torch.Size(h.get_slice(key).get_shape())
+            found[key] = h
+            shapes[key] = h.shape(key)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(f"{k}: file {tuple(shapes[k])} vs model {tuple(expected[k])}"
@@ -120,11 +171,10 @@ def read_tensors(files: list[Path], expected: dict[str, torch.Size], dtype: torc
         raise CheckpointError(f"{what} does not match the config: " + "; ".join(parts))
     out = {}
     for key in expected:
-        _, h = found[key]
         try:
-            t = h.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{what}: tensor {key} cannot be read ({exc}); the file is truncated") from None
+            t = found[key].tensor(key)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{what}: tensor {key} cannot be read ({exc}); download the file again") from None
         out[key] = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
     return out
 

@@ -384,19 +384,35 @@ def _broken_index(d: Path) -> None:
     (d / "ema.safetensors.index.json").write_text("{broken")
 
 
+def _rewrite_header(path: Path, change) -> None:
+    """Edit one entry of a safetensors header in place (same length, so the data stays where it was)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    change(header[key])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+
+
 BROKEN_CHECKPOINTS = {
     "missing-weights": (lambda d: (d / "ema.safetensors").unlink(), "has no ema.safetensors"),
     "missing-vae": (lambda d: (d / "ae.safetensors").unlink(), "has no ae.safetensors"),
     "missing-llm-config": (lambda d: (d / "llm_config.json").unlink(), "llm_config.json is missing"),
     "missing-tensor": (_drop_one_tensor, "does not match the config: missing:"),
     "wrong-shape": (_reshape_one_tensor, "wrong shape:"),
-    "truncated-weights": (lambda d: _truncate(d / "ema.safetensors"), "truncated or not safetensors"),
-    "truncated-vae": (lambda d: _truncate(d / "ae.safetensors"), "truncated or not safetensors"),
+    "truncated-weights": (lambda d: _truncate(d / "ema.safetensors"), "is truncated"),
+    "truncated-vae": (lambda d: _truncate(d / "ae.safetensors"), "is truncated"),
     "zero-byte-weights": (lambda d: (d / "ema.safetensors").write_bytes(b""), "truncated or not safetensors"),
-    "pickle-named-safetensors": (_pickle_as_safetensors, "truncated or not safetensors"),
+    "pickle-named-safetensors": (_pickle_as_safetensors, "not a safetensors file"),
     "only-pickle-weights": (_pickle_weights_only, "holds pickle weights (.bin/.pt); only safetensors are loaded"),
     "index-names-missing-shard": (_index_naming_missing_shard, "names shards that are missing"),
     "broken-index": (_broken_index, "is not a safetensors index"),
+    "unknown-dtype": (lambda d: _rewrite_header(d / "ema.safetensors", lambda e: e.update(dtype="C64")),
+                      "unsupported tensor dtype"),
+    "header-without-offsets": (lambda d: _rewrite_header(d / "ema.safetensors", lambda e: e.pop("data_offsets")),
+                               "its header is malformed"),
 }
 
 

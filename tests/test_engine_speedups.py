@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,24 @@ def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint):
         quantize(after.engine.model, "torchao-fp8")
     with pytest.raises(ValueError, match="do not combine"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8", offload=True)
+
+
+def test_mapped_checkpoint_tensors_are_copy_on_write(tiny_checkpoint, tmp_path):
+    """Tensors kept as the file stores them are mapped one by one, privately: writing to one (a training
+    step) works and leaves the file as it was."""
+    import shutil
+
+    from openbagel.checkpoint import load_checkpoint
+
+    folder = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ck"))
+    before = (folder / "ema.safetensors").read_bytes()
+    model = load_checkpoint(folder, dtype=None).model
+    weight = model.language_model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert (folder / "ema.safetensors").read_bytes() == before
+    fresh = load_checkpoint(folder, dtype=None).model.language_model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(weight, fresh + 1.0)
 
 
 def test_quantized_loading_of_a_bf16_file_converts_one_layer_at_a_time(tiny_checkpoint, tmp_path):

@@ -6,8 +6,8 @@
 
 Modes:
   int8          ours (gpt-fast's WeightOnlyInt8Linear): symmetric per-output-channel int8; the forward
-                dequantises the weight to the activation dtype and runs the ordinary matmul. Resident
-                weights shrink 4x from fp32 (2x from bf16); on CPU each matmul pays the dequantisation.
+                dequantises the weight to the activation dtype and runs the ordinary matmul (on CPU a
+                cache-sized block of rows at a time). Resident weights shrink 4x from fp32 (2x from bf16).
   torchao-int8  torchao `Int8WeightOnlyConfig` (CUDA; needs `pip install openbagel[quant]`).
   torchao-int4  torchao `Int4WeightOnlyConfig` (CUDA, bf16 model).
   torchao-fp8   torchao `Float8DynamicActivationFloat8WeightConfig`, per row: float8 weights (one scale per
