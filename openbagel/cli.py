@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 RENORM_TYPES = ("global", "channel", "text_channel")  # = sampler.RENORM_TYPES (not imported: keeps --help fast)
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
 # ----- shared flags --------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_path
     from .config import BagelConfig
     from .inference.pipeline import EMBEDDED_MODEL
+    from .inference.quantize import language_model_linears
     from .models.bagel import Bagel
     from .models.vae import AutoEncoder
 
@@ -328,10 +329,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     total = sum(counts.values())
     print(f"  {'total':<{width}}  {total:>15,}")
     vae_n = counts["vae (kept in fp32)"]
+    # --quantize int8 stores the language model's Linear weights in one byte; the rest stays in the dtype
+    int8_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
     print("\nweights in memory (activations and KV cache come on top):")
     for dtype, nbytes in DTYPE_BYTES.items():
-        size = (total - vae_n) * nbytes + vae_n * 4
-        print(f"  {dtype:<5} {_human(size)}")
+        print(f"  {dtype:<5} {_human((total - vae_n) * nbytes + vae_n * 4)}")
+    for dtype, nbytes in DTYPE_BYTES.items():
+        print(f"  int8 weights, the rest {dtype:<5} {_human(int8_n + (total - vae_n - int8_n) * nbytes + vae_n * 4)}"
+              f"  (--quantize int8{' on CPU' if dtype == 'fp32' else ''})")
 
 
 def _human(n: float) -> str:
