@@ -34,7 +34,7 @@ from openbagel.config import BagelConfig  # noqa: E402
 from openbagel.models.bagel import Bagel  # noqa: E402
 from openbagel.models.vae import AutoEncoder  # noqa: E402
 
-POOL = 2**24 + 43  # values cycled through: an odd length, so no two rows of a matrix repeat each other
+POOL = 2**24 + 43  # values cycled through; a prime length, so rows of any width start at different places
 
 
 def write_streamed(shapes: dict[str, torch.Size], path: Path, seed: int = 0) -> None:
@@ -72,7 +72,10 @@ def write_random_checkpoint(cfg: BagelConfig, directory: Path) -> Path:
     cfg.save(directory)
     bench_tokenizer(cfg).save(directory)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Bagel(cfg).state_dict().items()}
+        state = Bagel(cfg).state_dict()
+    if not all(v.is_floating_point() for v in state.values()):
+        raise SystemExit("the model holds integer tensors: write_streamed writes every tensor as bf16")
+    shapes = {k: v.shape for k, v in state.items()}
     save_file(AutoEncoder(cfg.vae).state_dict(), str(directory / AE_FILE), metadata={"format": "pt"})
     write_streamed(shapes, directory / EMA_FILE)
     return directory
@@ -119,8 +122,8 @@ def worker(args: argparse.Namespace) -> None:
 
     pipe.generate(PROMPT_T2I, height=args.side, width=args.side, num_inference_steps=args.timesteps, seed=0,
                   callback_on_step_end=step_end)
-    row.update(side=args.side, denoise_steps=len(steps), t2i_s=round(time.perf_counter() - start, 2),
-               per_step_s=round((steps[-1] - steps[0]) / (len(steps) - 1), 2) if len(steps) > 1 else None,
+    row.update(side=args.side, denoise_steps=len(steps), t2i_s=round(time.perf_counter() - start, 4),
+               per_step_s=round((steps[-1] - steps[0]) / (len(steps) - 1), 4) if len(steps) > 1 else None,
                peak_gib=round(peak_rss() / GiB, 2), anon_gib=anon_gib())
     print(json.dumps(row))
 

@@ -4,7 +4,7 @@ Usage: python benchmarks/loading.py [--configs tiny,shapes-tiny,mid] [--dtypes f
        python benchmarks/loading.py --configs wide        # 7B widths, 2 layers: a ~4.5 GB checkpoint
 Random checkpoints are written once under --work; each load runs in a fresh process that reports the
 wall time of `load_checkpoint`, then of reading one value from every 4 KiB page of every weight (a load
-whose file and model dtypes agree keeps safetensors' memory map: its pages arrive on first use), and the
+whose file and model dtypes agree stays memory-mapped (checkpoint.MappedSafetensors): its pages arrive on first use), and the
 growth of its resident high-water mark (VmHWM) after both over the process after `import torch,
 openbagel` (so the ratio to the file size is the loader's overhead).
 """

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,23 +95,27 @@ def _ema_files(directory: Path) -> list[Path]:
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+           "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+           "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+WINDOW_BYTES = 2**30  # one mapping per run of adjacent tensors up to this size
 
 
 class MappedSafetensors:
-    """A safetensors file whose tensors are memory-mapped one at a time, each copy-on-write.
+    """A safetensors file read through copy-on-write memory maps of at most WINDOW_BYTES each.
 
     safetensors' own reader maps the whole file privately, and Linux's default overcommit check refuses
     one private mapping larger than RAM + swap: the 7B's single 29 GB file could not even be opened on
-    a 24 GiB machine. A tensor's own mapping reads nothing until used, and a write copies only the pages
-    it touches (the file never changes).
+    a 24 GiB machine. Windows of adjacent tensors stay under that check while keeping the mappings (each
+    holds a file descriptor) few; nothing is read until used, and a write copies only the pages it
+    touches (the file never changes). Strict overcommit (`vm.overcommit_memory=2`) still counts them all.
     """
 
     def __init__(self, path: Path) -> None:
         try:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n)) if n <= 100_000_000 else None
+                header = json.loads(f.read(n)) if n <= MAX_HEADER_BYTES else None
                 size = os.fstat(f.fileno()).st_size
         except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: cannot read its header ({exc}); the file is truncated or not "
@@ -118,34 +123,67 @@ class MappedSafetensors:
         if not isinstance(header, dict):
             raise CheckpointError(f"{path} is not a safetensors file — download it again")
         header.pop("__metadata__", None)
-        self.path, self.start, self.entries = path, 8 + n, header
+        self.path, self.start = path, 8 + n
+        self.entries = {key: self._check(key, entry) for key, entry in header.items()}
+        spans = sorted((begin, end) for _, _, begin, end in self.entries.values())
+        if any(b < a_end for (_, a_end), (b, _) in zip(spans, spans[1:])):
+            raise CheckpointError(f"{path}: its header is malformed (tensors overlap) — download it again")
+        end = self.start + max((e for _, e in spans), default=0)
+        if end > size:
+            raise CheckpointError(f"{path} is truncated ({size} of {end} bytes) — download it again")
+        # Held only by the tensors made from them: a window whose tensors were all converted (to another
+        # dtype or device) is unmapped at once, so a converting load never holds more than it needs.
+        self._windows: weakref.WeakValueDictionary[int, mmap.mmap] = weakref.WeakValueDictionary()
+        self._window_of = self._plan_windows(spans)
+
+    def _check(self, key: str, entry: object) -> tuple[torch.dtype, torch.Size, int, int]:
+        """(dtype, shape, begin, end) of one header entry, or a CheckpointError saying what is wrong."""
         try:
-            ends = [self.start + e["data_offsets"][1] for e in header.values()]
-            bad = [k for k, e in header.items() if e["dtype"] not in _DTYPES]
-        except (KeyError, TypeError, IndexError) as exc:
-            raise CheckpointError(f"{path}: its header is malformed ({exc}) — download it again") from None
-        if bad:
-            raise CheckpointError(f"{path}: unsupported tensor dtype in {bad[:3]}")
-        if max(ends, default=self.start) > size:
-            raise CheckpointError(f"{path} is truncated ({size} of {max(ends)} bytes) — download it again")
+            name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
+            ok = (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: its header is malformed ({key}: {exc!r}) — download it again") from None
+        if name not in _DTYPES:
+            raise CheckpointError(f"{self.path}: unsupported tensor dtype {name!r} ({key})")
+        dtype = _DTYPES[name]
+        if not ok or end - begin != torch.Size(shape).numel() * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: its header is malformed ({key}: shape {shape}, bytes "
+                                  f"{begin}..{end}) — download it again")
+        return dtype, torch.Size(shape), begin, end
+
+    @staticmethod
+    def _plan_windows(spans: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+        """Each tensor's window (first byte, last byte) by its begin offset: runs of adjacent tensors."""
+        window_of: dict[int, tuple[int, int]] = {}
+        run: list[tuple[int, int]] = []
+        for span in spans + [(-1, -1)]:
+            if run and (span[0] < 0 or span[1] - run[0][0] > WINDOW_BYTES):
+                for begin, _ in run:
+                    window_of[begin] = (run[0][0], run[-1][1])
+                run = []
+            run.append(span)
+        return window_of
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def shape(self, key: str) -> torch.Size:
-        return torch.Size(self.entries[key]["shape"])
+        return self.entries[key][1]
 
     def tensor(self, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        dtype, (begin, end) = _DTYPES[entry["dtype"]], entry["data_offsets"]
+        dtype, shape, begin, end = self.entries[key]
         if end == begin:
-            return torch.empty(self.shape(key), dtype=dtype)
-        offset = self.start + begin
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), offset - aligned + end - begin, access=mmap.ACCESS_COPY, offset=aligned)
-        count = (end - begin) // dtype.itemsize
-        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset - aligned).view(self.shape(key))
+            return torch.empty(shape, dtype=dtype)
+        first, last = self._window_of[begin]
+        aligned = self.start + first - (self.start + first) % mmap.ALLOCATIONGRANULARITY
+        window = self._windows.get(first)
+        if window is None:
+            with open(self.path, "rb") as f:
+                window = mmap.mmap(f.fileno(), self.start + last - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+            self._windows[first] = window
+        return torch.frombuffer(window, dtype=dtype, count=shape.numel(),
+                                offset=self.start + begin - aligned).view(shape)
 
 
 def read_tensors(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype | None,

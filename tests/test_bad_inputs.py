@@ -385,15 +385,20 @@ def _broken_index(d: Path) -> None:
 
 
 def _rewrite_header(path: Path, change) -> None:
-    """Edit one entry of a safetensors header in place (same length, so the data stays where it was)."""
+    """Edit the first two entries of a safetensors header in place (same length: the data stays put)."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
-    key = next(k for k in header if k != "__metadata__")
-    change(header[key])
+    first, second = [header[k] for k in header if k != "__metadata__"][:2]
+    change(first, second)
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= n
     path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+
+
+def _overlap(first: dict, second: dict) -> None:
+    """The second tensor claims the first one's bytes (a consistent entry, only the overlap is wrong)."""
+    second.update(dtype=first["dtype"], shape=first["shape"], data_offsets=first["data_offsets"])
 
 
 BROKEN_CHECKPOINTS = {
@@ -409,10 +414,17 @@ BROKEN_CHECKPOINTS = {
     "only-pickle-weights": (_pickle_weights_only, "holds pickle weights (.bin/.pt); only safetensors are loaded"),
     "index-names-missing-shard": (_index_naming_missing_shard, "names shards that are missing"),
     "broken-index": (_broken_index, "is not a safetensors index"),
-    "unknown-dtype": (lambda d: _rewrite_header(d / "ema.safetensors", lambda e: e.update(dtype="C64")),
+    "unknown-dtype": (lambda d: _rewrite_header(d / "ema.safetensors", lambda e, _: e.update(dtype="C64")),
                       "unsupported tensor dtype"),
-    "header-without-offsets": (lambda d: _rewrite_header(d / "ema.safetensors", lambda e: e.pop("data_offsets")),
+    "header-without-offsets": (lambda d: _rewrite_header(d / "ema.safetensors", lambda e, _: e.pop("data_offsets")),
                                "its header is malformed"),
+    "byte-count-off-shape": (lambda d: _rewrite_header(d / "ema.safetensors",
+                                                       lambda e, _: e["data_offsets"].__setitem__(1, e["data_offsets"][1] - 4)),
+                             "its header is malformed"),
+    "negative-offset": (lambda d: _rewrite_header(d / "ema.safetensors",
+                                                  lambda e, _: e.update(data_offsets=[-8, e["data_offsets"][1] - 8])),
+                        "its header is malformed"),
+    "overlapping-tensors": (lambda d: _rewrite_header(d / "ema.safetensors", _overlap), "tensors overlap"),
 }
 
 

@@ -94,7 +94,7 @@ def test_int8_linear_matches_fp32():
         assert _rel(q(x), lin(x)) < 1e-2
 
 
-@pytest.mark.parametrize("tokens", [3, 40])  # one-token-at-a-time blocks and the larger prefill blocks
+@pytest.mark.parametrize("tokens", [3, 300])  # one-token-at-a-time blocks and the larger prefill blocks
 def test_int8_linear_blockwise_cpu_matmul_equals_dequantising_the_whole_weight(tokens):
     """On CPU the weight is dequantised a block of rows at a time (several blocks here, the last partial)."""
     torch.manual_seed(0)
