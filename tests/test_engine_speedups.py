@@ -160,6 +160,18 @@ def test_mapped_checkpoint_tensors_are_copy_on_write(tiny_checkpoint, tmp_path):
     assert torch.equal(weight, fresh + 1.0)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_mapped_checkpoint_holds_a_few_file_descriptors(tiny_checkpoint):
+    """Each mapping holds a file descriptor: a window of adjacent tensors takes one, not one per tensor
+    (hundreds for a model, over the usual 1,024 limit for the 7B)."""
+    from openbagel.checkpoint import load_checkpoint
+
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    loaded = load_checkpoint(tiny_checkpoint, dtype=None, vae_dtype=None)  # every tensor stays mapped
+    assert len(list(loaded.model.parameters())) > 100
+    assert len(list(Path("/proc/self/fd").iterdir())) - before <= 2  # ema.safetensors, ae.safetensors
+
+
 def test_quantized_loading_of_a_bf16_file_converts_one_layer_at_a_time(tiny_checkpoint, tmp_path):
     """A bf16 checkpoint quantised while loading on CPU: every tensor that is not int8 ends in the compute
     dtype, and the model equals the one quantised after a full fp32 load."""
