@@ -155,15 +155,13 @@ class MappedSafetensors:
     @staticmethod
     def _plan_windows(spans: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
         """Each tensor's window (first byte, last byte) by its begin offset: runs of adjacent tensors."""
-        window_of: dict[int, tuple[int, int]] = {}
-        run: list[tuple[int, int]] = []
-        for span in spans + [(-1, -1)]:
-            if run and (span[0] < 0 or span[1] - run[0][0] > WINDOW_BYTES):
-                for begin, _ in run:
-                    window_of[begin] = (run[0][0], run[-1][1])
-                run = []
-            run.append(span)
-        return window_of
+        runs: list[list[tuple[int, int]]] = []
+        for span in spans:
+            if runs and span[1] - runs[-1][0][0] <= WINDOW_BYTES:
+                runs[-1].append(span)
+            else:
+                runs.append([span])
+        return {begin: (run[0][0], run[-1][1]) for run in runs for begin, _ in run}
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -189,17 +187,11 @@ class MappedSafetensors:
 def read_tensors(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype | None,
                  device: torch.device | str, what: str) -> dict[str, torch.Tensor]:
     """Read safetensors files after checking every key and shape against `expected`."""
-    found: dict[str, MappedSafetensors] = {}
-    shapes: dict[str, torch.Size] = {}
-    for f in files:
-        h = MappedSafetensors(f)
-        for key in h.keys():
-            found[key] = h
-            shapes[key] = h.shape(key)
+    found = {key: h for h in map(MappedSafetensors, files) for key in h.keys()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(shapes[k])} vs model {tuple(expected[k])}"
-                   for k in set(expected) & set(found) if shapes[k] != expected[k])
+    wrong = sorted(f"{k}: file {tuple(found[k].shape(k))} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(found) if found[k].shape(k) != expected[k])
     if missing or unexpected or wrong:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
