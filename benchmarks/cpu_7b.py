@@ -1,9 +1,10 @@
-"""The full-size 7B-MoT on this CPU, quantised to int8 while it loads: what `--quantize int8` gives a
-machine without a GPU. Load time and memory against the file's size, the time to the first answer token
+"""The full-size 7B-MoT on this CPU, quantised to int8 (or int4) while it loads: what `--quantize int8`
+gives a machine without a GPU. Load time and memory against the file's size, the time to the first answer token
 and per token after it, and the time per denoising step of a text-to-image call.
 
 Usage:
     python benchmarks/cpu_7b.py --work /tmp/openbagel-7b                # writes a 29 GB random bf16 checkpoint once
+    python benchmarks/cpu_7b.py --work /tmp/openbagel-7b --quantize int4 --out benchmarks/cpu_7b_int4.json
     python benchmarks/cpu_7b.py --config wide --work /tmp/obw --side 64  # the same path at 2 layers, seconds
 
 The model fits this 24 GiB machine in no float dtype (59 GB fp32, 29 GB bf16), so the checkpoint is written
@@ -91,10 +92,10 @@ def worker(args: argparse.Namespace) -> None:
     from openbagel.inference.pipeline import BagelPipeline
 
     torch.set_num_threads(args.threads)  # glibc's default malloc, as a user gets (allocator.py stays opt-in)
-    row: dict = {"config": args.config, "quantize": "int8", "dtype": "fp32",
+    row: dict = {"config": args.config, "quantize": args.quantize, "dtype": "fp32",
                  "disk_gib": round(sum(f.stat().st_size for f in Path(args.work).glob("*.safetensors")) / GiB, 2)}
     start = time.perf_counter()
-    pipe = BagelPipeline.from_pretrained(args.work, device="cpu", dtype="fp32", quantize="int8")
+    pipe = BagelPipeline.from_pretrained(args.work, device="cpu", dtype="fp32", quantize=args.quantize)
     pipe.set_progress_bar_config(disable=True)
     row.update(load_s=round(time.perf_counter() - start, 1), load_peak_gib=round(peak_rss() / GiB, 2),
                load_anon_gib=anon_gib())
@@ -132,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bagel-7b-mot", help="bagel-7b-mot (full size) or wide (2 layers)")
     parser.add_argument("--work", default="/tmp/openbagel-7b", help="where the random checkpoint is written once")
+    parser.add_argument("--quantize", default="int8", choices=("int8", "int4"), help="our CPU weight formats")
     parser.add_argument("--tokens", type=int, default=8, help="answer tokens to decode")
     parser.add_argument("--side", type=int, default=256, help="text-to-image side in pixels")
     parser.add_argument("--timesteps", type=int, default=3, help="timesteps (N timesteps = N-1 denoising steps)")
@@ -151,8 +153,8 @@ def main() -> None:
     if run.returncode:
         sys.exit(f"worker failed ({run.returncode}):\n{run.stderr[-3000:]}")
     row = json.loads(run.stdout.strip().splitlines()[-1])
-    columns = ["config", "disk_gib", "load_s", "load_peak_gib", "load_anon_gib", "first_token_s", "per_token_s",
-               "side", "per_step_s", "t2i_s", "peak_gib", "anon_gib"]
+    columns = ["config", "quantize", "disk_gib", "load_s", "load_peak_gib", "load_anon_gib", "first_token_s",
+               "per_token_s", "side", "per_step_s", "t2i_s", "peak_gib", "anon_gib"]
     report([row], columns, args.out or Path(__file__).parent / f"cpu_7b_{args.config}.json",
            environment(args.threads))
 

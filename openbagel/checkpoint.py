@@ -10,12 +10,16 @@ never read.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
 import struct
+import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -182,6 +186,41 @@ class MappedSafetensors:
             self._windows[first] = window
         return torch.frombuffer(window, dtype=dtype, count=shape.numel(),
                                 offset=self.start + begin - aligned).view(shape)
+
+
+def _file_mapped(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one file mapping of this process (Linux /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= start and end <= hi:
+                return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
+    return False
+
+
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the resident pages of a tensor that is a view of a file mapping; returns whether it did.
+
+    The pages stay in the file, and a later read would fault them back in unchanged (the weights are
+    never written), so this only stops a weight that was copied elsewhere from counting twice in RSS.
+    Anonymous memory is never touched: there, MADV_DONTNEED would zero it.
+    """
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous():
+        return False
+    page = mmap.PAGESIZE
+    start, size = t.data_ptr(), t.numel() * t.element_size()  # this tensor's bytes, not its whole storage
+    lo, hi = -(-start // page) * page, (start + size) // page * page
+    if hi <= lo or not _file_mapped(start, start + size):
+        return False
+    return _madvise()(lo, hi - lo, 4) == 0  # MADV_DONTNEED
+
+
+@cache
+def _madvise() -> Callable[[int, int, int], int]:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 def read_tensors(files: list[Path], expected: dict[str, torch.Size], dtype: torch.dtype | None,

@@ -76,7 +76,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="keep the decoder layers in CPU memory and stream each to --device when it runs "
                         "(for GPUs too small for the model; slower)")
     g.add_argument("--quantize", default=None, metavar="MODE",
-                   help="quantise the language model's weights while loading: int8 (any device), torchao-int8, "
+                   help="quantise the language model's weights while loading: int8 or int4 (any device; int4 "
+                        "halves int8's memory, slower per token on CPU), torchao-int8, "
                         "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes), torchao-fp8 "
                         "(fp8 weights and activations: faster on Ada / Hopper GPUs)")
     g.add_argument("--compile", action="store_true",
@@ -304,7 +305,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_path
     from .config import BagelConfig
     from .inference.pipeline import EMBEDDED_MODEL
-    from .inference.quantize import language_model_linears
+    from .inference.quantize import INT4_GROUP, language_model_linears
     from .models.bagel import Bagel
     from .models.vae import AutoEncoder
 
@@ -329,14 +330,19 @@ def cmd_info(args: argparse.Namespace) -> None:
     total = sum(counts.values())
     print(f"  {'total':<{width}}  {total:>15,}")
     vae_n = counts["vae (kept in fp32)"]
-    # --quantize int8 stores the language model's Linear weights in one byte; the rest stays in the dtype
-    int8_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
+    # --quantize int8 / int4 store the language model's Linear weights in one byte / half a byte (plus a
+    # bf16 scale per 64 weights) and its token embedding in one byte; the rest stays in the dtype
+    linear_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
+    embedding_n = model.language_model.model.embed_tokens.weight.numel()
+    rest_n = total - vae_n - linear_n - embedding_n
     print("\nweights in memory (activations and KV cache come on top):")
     for dtype, nbytes in DTYPE_BYTES.items():
         print(f"  {dtype:<5} {_human((total - vae_n) * nbytes + vae_n * 4)}")
-    for dtype, nbytes in DTYPE_BYTES.items():
-        print(f"  int8 weights, the rest {dtype:<5} {_human(int8_n + (total - vae_n - int8_n) * nbytes + vae_n * 4)}"
-              f"  (--quantize int8{' on CPU' if dtype == 'fp32' else ''})")
+    for mode, linear_bytes in (("int8", 1.0), ("int4", 0.5 + 2 / INT4_GROUP)):
+        for dtype, nbytes in DTYPE_BYTES.items():
+            held = linear_n * linear_bytes + embedding_n + rest_n * nbytes + vae_n * 4
+            print(f"  {mode} weights, the rest {dtype:<5} {_human(held)}"
+                  f"  (--quantize {mode}{' on CPU' if dtype == 'fp32' else ''})")
 
 
 def _human(n: float) -> str:

@@ -115,7 +115,7 @@ def test_info(tiny_checkpoint, capsys):
     assert code == 0
     assert "language_model" in stdout and "vae (kept in fp32)" in stdout and "total" in stdout
     assert all(f"  {dtype}" in stdout for dtype in ("fp32", "bf16"))
-    assert "int8 weights, the rest fp32" in stdout and "int8 weights, the rest bf16" in stdout
+    assert all(f"{mode} weights, the rest {dtype}" in stdout for mode in ("int8", "int4") for dtype in ("fp32", "bf16"))
 
 
 def test_demo(shared_pipeline, tmp_path, capsys):

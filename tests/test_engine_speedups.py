@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from openbagel.inference.quantize import Int8Linear, quantize, weight_bytes
+from openbagel.inference.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize, weight_bytes
 from openbagel.inference.step_cache import StepCacheConfig, newton_extrapolate
 
 
@@ -94,44 +94,88 @@ def test_int8_linear_matches_fp32():
         assert _rel(q(x), lin(x)) < 1e-2
 
 
-@pytest.mark.parametrize("tokens", [3, 300])  # one-token-at-a-time blocks and the larger prefill blocks
-def test_int8_linear_blockwise_cpu_matmul_equals_dequantising_the_whole_weight(tokens):
-    """On CPU the weight is dequantised a block of rows at a time (several blocks here, the last partial)."""
+def test_int4_linear_stores_each_weight_at_its_nearest_level():
+    """Groups of 64 inputs, one scale each: every weight dequantises to the nearest of 16 levels (the
+    clipped +8 level aside, which costs no more than rounding), whatever the byte holding it."""
     torch.manual_seed(0)
-    q = Int8Linear.from_linear(torch.nn.Linear(64, 70_001))
+    lin = torch.nn.Linear(256, 48)
+    q = Int4Linear.from_linear(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (48, 128) and q.scales.shape == (48, 4)
+    assert len(set(q.weight.flatten().tolist())) > 200  # nearly every byte value occurs
+    w = torch.empty(48, 256)
+    q._dequantize_rows(w, 0, 48)
+    step = q.scales.float().repeat_interleave(64, dim=1)
+    err = (w - lin.weight.detach()).abs()
+    assert (err <= step / 2 + 1e-7).all()
+    levels = w / step
+    assert torch.equal(levels, levels.round()) and levels.min() >= -8 and levels.max() <= 7
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        assert 0.01 < _rel(q(x), lin(x)) < 0.15  # int4 is coarse: ~7% on Gaussian weights
+
+
+def test_int4_needs_an_even_number_of_inputs():
+    with pytest.raises(ValueError, match="int4 packs inputs in pairs: a Linear with 63 inputs"):
+        Int4Linear.from_linear(torch.nn.Linear(63, 8))
+    assert Int4Linear.from_linear(torch.nn.Linear(96, 8)).group_size == 32  # the largest even divisor up to 64
+
+
+@pytest.mark.parametrize("layer", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("tokens", [3, 300])  # one-token-at-a-time blocks and the larger prefill blocks
+def test_quantized_linear_blockwise_cpu_matmul_equals_dequantising_the_whole_weight(layer, tokens):
+    """On CPU the weight is dequantised a block of rows at a time (several blocks here, the last partial);
+    with gradients on, the whole weight at once: the same numbers."""
+    torch.manual_seed(0)
+    q = layer.from_linear(torch.nn.Linear(64, 70_001))
     x = torch.randn(2, tokens, 64)
-    whole = torch.nn.functional.linear(x, q.weight.float()) * q.scales + q.bias
     with torch.no_grad():
         got = q(x)
+    whole = q(x.requires_grad_()).detach()
     assert got.shape == (2, tokens, 70_001) and torch.allclose(got, whole, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_pipeline_runs_and_shrinks(tiny_checkpoint):
+def test_int8_embedding_rows_within_a_step_of_the_table():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20_000, 32)
+    q = Int8Embedding.from_embedding(table)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (20_000,)
+    ids = torch.tensor([[0, 8191, 8192, 19_999], [5, 5, 17, 12_345]])  # across the quantisation blocks
+    with torch.no_grad():
+        got, want = q(ids), table(ids)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    step = want.abs().amax(dim=-1, keepdim=True) / 127
+    assert ((got - want).abs() <= step / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("mode, shrink, tolerance", [("int8", 0.5, 0.05), ("int4", 0.25, 0.3)])
+def test_quantized_pipeline_runs_and_shrinks(tiny_checkpoint, mode, shrink, tolerance):
     from openbagel.inference.pipeline import BagelPipeline
 
-    pipe = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32")
+    pipe = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32", pack=False)
     pipe.set_progress_bar_config(disable=True)
     jobs = _jobs(pipe, "t2i")
     plain = _generate(pipe, jobs)
     llm = pipe.engine.model.language_model
     before = weight_bytes(llm)
-    quantize(pipe.engine.model, "int8")
-    assert weight_bytes(llm) < 0.5 * before
+    quantize(pipe.engine.model, mode)
+    assert isinstance(llm.model.embed_tokens, Int8Embedding)
+    assert weight_bytes(llm) < shrink * before
     out = _generate(pipe, jobs)
-    assert _rel(out, plain) < 0.05
+    assert _rel(out, plain) < tolerance
     assert pipe.understand(None, "what color is the triangle?", max_new_tokens=3).raw_text is not None
 
 
-def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint):
+@pytest.mark.parametrize("mode, layer", [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_quantized_loading_matches_quantizing_after_loading(tiny_checkpoint, mode, layer):
     """from_pretrained(quantize=...) quantises on the way to the device: the same model as quantize() after."""
     from openbagel.inference.pipeline import BagelPipeline
 
     after = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32")
-    quantize(after.engine.model, "int8")
-    loaded = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32", quantize="int8")
+    quantize(after.engine.model, mode)
+    loaded = BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype="fp32", quantize=mode)
     expected, got = after.engine.model.state_dict(), loaded.engine.model.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert any(isinstance(m, Int8Linear) for m in loaded.engine.model.modules())
+    assert any(isinstance(m, layer) for m in loaded.engine.model.modules())
     with pytest.raises(ValueError, match="unknown quantisation mode 'int3'"):
         BagelPipeline.from_pretrained(tiny_checkpoint, device="cpu", quantize="int3")
     with pytest.raises(ValueError, match="torchao-fp8 needs a CUDA GPU of compute capability 8.9"):
@@ -173,8 +217,8 @@ def test_mapped_checkpoint_holds_a_few_file_descriptors(tiny_checkpoint):
 
 
 def test_quantized_loading_of_a_bf16_file_converts_one_layer_at_a_time(tiny_checkpoint, tmp_path):
-    """A bf16 checkpoint quantised while loading on CPU: every tensor that is not int8 ends in the compute
-    dtype, and the model equals the one quantised after a full fp32 load."""
+    """A bf16 checkpoint quantised while loading on CPU: every tensor ends as int8 (packed weights), bf16
+    (int4 scales) or the compute dtype, and the model equals the one quantised after a full fp32 load."""
     from openbagel.checkpoint import load_checkpoint, save_checkpoint
     from openbagel.inference.pipeline import BagelPipeline
 
@@ -182,11 +226,11 @@ def test_quantized_loading_of_a_bf16_file_converts_one_layer_at_a_time(tiny_chec
     bf16 = save_checkpoint(tmp_path / "bf16", ck.config, ck.model, ck.vae, ck.tokenizer, dtype=torch.bfloat16)
     mapped = load_checkpoint(bf16, dtype=None)
     assert {p.dtype for p in mapped.model.parameters()} == {torch.bfloat16}  # as stored, nothing converted
-    loaded = BagelPipeline.from_pretrained(bf16, device="cpu", dtype="fp32", quantize="int8")
+    loaded = BagelPipeline.from_pretrained(bf16, device="cpu", dtype="fp32", quantize="int4")
     after = BagelPipeline.from_pretrained(bf16, device="cpu", dtype="fp32", pack=False)
-    quantize(after.engine.model, "int8")
+    quantize(after.engine.model, "int4")
     got, expected = loaded.engine.model.state_dict(), after.engine.model.state_dict()
-    assert {v.dtype for v in got.values()} == {torch.int8, torch.float32}
+    assert {v.dtype for v in got.values()} == {torch.int8, torch.bfloat16, torch.float32}  # bf16: int4 scales
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
@@ -347,7 +391,8 @@ def test_packing_is_lazy_and_drops_the_file_pages_of_a_packed_weight(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from openbagel.inference.onednn import PackedLinear, release_file_pages
+    from openbagel.checkpoint import release_file_pages
+    from openbagel.inference.onednn import PackedLinear
 
     save_file({"w": torch.randn(2048, 2048)}, str(tmp_path / "w.safetensors"))  # 16 MiB
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt", device="cpu") as f:
@@ -355,6 +400,7 @@ def test_packing_is_lazy_and_drops_the_file_pages_of_a_packed_weight(tmp_path):
     linear = torch.nn.Linear(2048, 2048, bias=False)
     linear.weight = torch.nn.Parameter(mapped, requires_grad=False)
     expected = linear(torch.ones(3, 2048))  # reads every page of the mapping
+    PackedLinear(torch.nn.Linear(2048, 2048))(torch.ones(3, 2048))  # oneDNN's code pages, mapped on first use
     layer = PackedLinear(linear)
     assert layer.packed is None  # nothing reordered yet
     before = _rss_file_kib()
@@ -365,3 +411,27 @@ def test_packing_is_lazy_and_drops_the_file_pages_of_a_packed_weight(tmp_path):
     copy = anonymous.clone()
     assert not release_file_pages(anonymous)
     assert torch.equal(anonymous, copy)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_quantizing_a_mapped_checkpoint_drops_the_pages_of_each_weight_it_replaced(tiny_checkpoint, tmp_path):
+    """While the file's windows stay mapped (here: references kept to every original tensor; in a load,
+    until the last small tensor of a window is converted), the pages of each quantised weight leave RSS."""
+    from dataclasses import replace
+
+    from openbagel.checkpoint import load_checkpoint, random_checkpoint
+    from openbagel.config import preset
+    from openbagel.tokenizer import BagelTokenizer
+
+    cfg = preset("tiny")
+    cfg = replace(cfg, llm=replace(cfg.llm, hidden_size=256, intermediate_size=8192))  # ~50 MB of Linear weights
+    folder = random_checkpoint(tmp_path / "wide", cfg, BagelTokenizer.from_dir(tiny_checkpoint))
+    model = load_checkpoint(folder, dtype=None).model
+    originals = [p.data for p in model.parameters()]
+    linear_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                       and n.startswith("language_model."))
+    assert sum(float(t.sum()) for t in originals) is not None  # every page read: resident
+    before = _rss_file_kib()
+    quantize(model, "int8", dtype=torch.float32)
+    assert before - _rss_file_kib() > 0.8 * linear_bytes / 1024
+    assert all(t.is_floating_point() for t in originals)  # the kept tensors still read (pages fault back in)

@@ -19,17 +19,14 @@ compiles the decoder layers).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 import threading
 from collections.abc import Callable
-from functools import cache
 
 import torch
 from torch import nn
 
-from .quantize import replace_linears
+from ..checkpoint import release_file_pages
+from .quantize import replace_modules
 
 
 # Below this many weights a layer stays on MKL: oneDNN's per-call overhead (~20 us) outweighs its faster
@@ -46,41 +43,6 @@ def packable_linears(name: str, module: nn.Module) -> bool:
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
-def _file_mapped(start: int, end: int) -> bool:
-    """Whether [start, end) lies inside one file mapping of this process (Linux /proc/self/maps)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            lo, hi = (int(a, 16) for a in fields[0].split("-"))
-            if lo <= start and end <= hi:
-                return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
-    return False
-
-
-def release_file_pages(t: torch.Tensor) -> bool:
-    """Drop the resident pages of a tensor that is a view of a file mapping; returns whether it did.
-
-    The pages stay in the file, and a later read would fault them back in unchanged (the weights are
-    never written), so this only stops a weight that was copied elsewhere from counting twice in RSS.
-    Anonymous memory is never touched: there, MADV_DONTNEED would zero it.
-    """
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous():
-        return False
-    page = mmap.PAGESIZE
-    start, size = t.data_ptr(), t.numel() * t.element_size()  # this tensor's bytes, not its whole storage
-    lo, hi = -(-start // page) * page, (start + size) // page * page
-    if hi <= lo or not _file_mapped(start, start + size):
-        return False
-    return _madvise()(lo, hi - lo, 4) == 0  # MADV_DONTNEED
-
-
-@cache
-def _madvise() -> Callable[[int, int, int], int]:
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return madvise
 
 
 class PackedLinear(nn.Module):
@@ -116,9 +78,9 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, include: Callable[[str, nn.Module], bool] = packable_linears) -> int:
     """Replace the selected fp32 CPU Linear layers in place; returns how many."""
-    return len(replace_linears(model, include, PackedLinear))
+    return len(replace_modules(model, include, PackedLinear))
 
 
 def unpack_linears(model: nn.Module) -> int:
     """Undo pack_linears in place; returns how many layers were packed."""
-    return len(replace_linears(model, lambda name, m: isinstance(m, PackedLinear), PackedLinear.to_linear))
+    return len(replace_modules(model, lambda name, m: isinstance(m, PackedLinear), PackedLinear.to_linear))

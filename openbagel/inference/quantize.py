@@ -8,6 +8,10 @@ Modes:
   int8          ours (gpt-fast's WeightOnlyInt8Linear): symmetric per-output-channel int8; the forward
                 dequantises the weight to the activation dtype and runs the ordinary matmul (on CPU a
                 cache-sized block of rows at a time). Resident weights shrink 4x from fp32 (2x from bf16).
+  int4          ours: symmetric int4 in groups of 64 inputs with a bf16 scale per group, two weights a
+                byte (4.25 bits a weight): half of int8's memory, for machines that cannot hold int8
+                (the 7B in ~10 GB on CPU). Dequantised the same way; on CPU a token costs about twice
+                int8's time (more unpacking per byte), long prompts and image steps about the same.
   torchao-int8  torchao `Int8WeightOnlyConfig` (CUDA; needs `pip install openbagel[quant]`).
   torchao-int4  torchao `Int4WeightOnlyConfig` (CUDA, bf16 model).
   torchao-fp8   torchao `Float8DynamicActivationFloat8WeightConfig`, per row: float8 weights (one scale per
@@ -17,65 +21,83 @@ Modes:
   bnb-nf4       bitsandbytes `Linear4bit` NF4 (CUDA; needs bitsandbytes).
 
 By default every `nn.Linear` of the language model is quantised (the MoT experts and lm_head hold
-almost all the weights); pass `include` to choose others by qualified name. With `device`, a model that
+almost all the weights); pass `include` to choose others by qualified name. Our modes (int8, int4) also
+store the language model's token embedding in int8 with a scale per row: it is the largest tensor left
+(545 M entries in the 7B, 2.2 GB in fp32). With `device`, a model that
 sits in CPU memory is quantised on its way there, one layer at a time, so the device never holds more
 than one full-precision layer: how a 7B checkpoint loads onto a GPU too small for it in bf16.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("int8", "torchao-int8", "torchao-int4", "torchao-fp8", "bnb-int8", "bnb-nf4")
+from ..checkpoint import release_file_pages
+
+MODES = ("int8", "int4", "torchao-int8", "torchao-int4", "torchao-fp8", "bnb-int8", "bnb-nf4")
 
 
 def language_model_linears(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and name.startswith("language_model.")
 
 
-# Int8Linear's CPU blocks, in weight elements (fp32 buffer: 4 MiB / 16 MiB). Measured on the 7B's
-# 18,944 x 3,584 and 3,584 x 18,944 weights (2 threads): the small block is fastest up to a few hundred
-# input rows, the large one from 512 (3,584 x 18,944 at 512 rows: 638 ms against 1,052 ms).
+def token_embedding(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) and name == "language_model.model.embed_tokens"
+
+
+# The CPU blocks of the quantised layers, in weight elements (fp32 buffer: 4 MiB / 16 MiB). Measured on the
+# 7B's 18,944 x 3,584 and 3,584 x 18,944 weights (2 threads): the small block is fastest up to a few hundred
+# input rows, the large one from 512 (int8, 3,584 x 18,944 at 512 rows: 638 ms against 1,052 ms).
 BLOCK_ELEMENTS, BLOCK_ELEMENTS_LARGE, BLOCK_LARGE_FROM = 2**20, 2**22, 512
+INT4_GROUP = 64
 
 
-class Int8Linear(nn.Module):
-    """y = (x @ dequant(W).T) + b with W int8 [out, in] and one fp scale per output channel."""
+class QuantizedLinear(nn.Module):
+    """y = x @ dequant(W).T + b for integer weights; subclasses say how rows dequantise.
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    `_dequantize_rows` writes rows [a, b) of the weight in the activation dtype, `_output_scales` gives the
+    per-output-channel scales that are cheaper to apply to the output than to the weight (or None).
+    """
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int) -> None:
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.in_features, self.out_features = in_features, weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> "Int8Linear":
-        w = linear.weight.detach().to(device).float()
-        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().to(device)
-        return cls(q, scales.to(linear.weight.dtype), bias)
+    def _dequantize_rows(self, out: torch.Tensor, a: int, b: int) -> None:
+        raise NotImplementedError
+
+    def _output_scales(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self._output_scales(x.dtype)
         if x.device.type == "cpu" and not (x.requires_grad or torch.compiler.is_compiling()
                                            or torch.is_autocast_enabled("cpu")):
             y = self._blockwise(x)
+            if scales is not None:
+                y.mul_(scales)
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            w = x.new_empty(self.out_features, self.in_features)
+            self._dequantize_rows(w, 0, self.out_features)
+            y = F.linear(x, w) if scales is None else F.linear(x, w) * scales
         return y if self.bias is None else y + self.bias
 
     def _blockwise(self, x: torch.Tensor) -> torch.Tensor:
         """x @ dequant(W).T a block of output rows at a time, each dequantised into one reused buffer.
 
         Dequantising the whole weight writes it out in full precision and reads it back on every call: at
-        the 7B's widths that made a token's matmul 6-11x slower than fp32, while the blocked form is faster
-        than fp32 there (it reads a quarter of the bytes). From BLOCK_LARGE_FROM rows of input the blocks
-        grow, or a wide-input weight (the 7B's down projection) would run as many thin matmuls.
+        the 7B's widths that made a token's int8 matmul 6-11x slower than fp32, while the blocked form is
+        faster than fp32 there (it reads a quarter of the bytes). From BLOCK_LARGE_FROM rows of input the
+        blocks grow, or a wide-input weight (the 7B's down projection) would run as many thin matmuls.
         """
         flat = x.reshape(-1, self.in_features)
         elements = BLOCK_ELEMENTS_LARGE if flat.shape[0] >= BLOCK_LARGE_FROM else BLOCK_ELEMENTS
@@ -83,13 +105,105 @@ class Int8Linear(nn.Module):
         out = flat.new_empty(flat.shape[0], self.out_features)
         buffer = flat.new_empty(min(rows, self.out_features), self.in_features)
         for a in range(0, self.out_features, rows):
-            w = buffer[:min(rows, self.out_features - a)]
-            w.copy_(self.weight[a:a + rows])
-            torch.mm(flat, w.T, out=out[:, a:a + rows])
-        return out.mul_(self.scales.to(x.dtype)).view(*x.shape[:-1], self.out_features)
+            b = min(a + rows, self.out_features)
+            w = buffer[:b - a]
+            self._dequantize_rows(w, a, b)
+            torch.mm(flat, w.T, out=out[:, a:b])
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight [out, in] and one fp scale per output channel (applied to the output)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> "Int8Linear":
+        w = linear.weight.detach().to(device).float()
+        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        return cls(q, scales.to(linear.weight.dtype), bias, w.shape[1])
+
+    def _dequantize_rows(self, out: torch.Tensor, a: int, b: int) -> None:
+        out.copy_(self.weight[a:b])
+
+    def _output_scales(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.scales.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weights in groups of `group_size` inputs, one bf16 scale per group, packed two to a byte.
+
+    Byte j of a group holds input j in its low nibble and input j + group_size/2 in its high one, so each
+    half of a group unpacks with one shift into one contiguous run (sign-extending arithmetic shifts of
+    int8: no offset to subtract). Levels -8..7 with scale = absmax / 7.5: the step is smaller than with
+    absmax / 7, and the clipped +8 costs no more than rounding does.
+    """
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None,
+                    group_size: int = INT4_GROUP) -> "Int4Linear":
+        n, k = linear.weight.shape
+        group = math.gcd(k, group_size)
+        if group % 2:
+            raise ValueError(f"int4 packs inputs in pairs: a Linear with {k} inputs cannot be stored; "
+                             "quantise it with int8, or leave it out with `include`")
+        w = linear.weight.detach().to(device).float().view(n, k // group, group)
+        # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5 (no level past +-8.5)
+        scales = (w.abs().amax(dim=2).clamp_min(1e-12) * ((1 + 2**-8) / 7.5)).to(torch.bfloat16)
+        q = torch.round(w / scales.float()[..., None]).clamp_(-8, 7).to(torch.int8).view(n, k // group, 2, group // 2)
+        packed = (q[:, :, 0] & 15) | (q[:, :, 1] << 4)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        return cls(packed.reshape(n, k // 2), scales, bias, k)
+
+    def _dequantize_rows(self, out: torch.Tensor, a: int, b: int) -> None:
+        groups, half = self.in_features // self.group_size, self.group_size // 2
+        packed = self.weight[a:b].view(b - a, groups, half)
+        halves = out.view(b - a, groups, 2, half)
+        halves[:, :, 0].copy_((packed << 4) >> 4)
+        halves[:, :, 1].copy_(packed >> 4)
+        out.view(b - a, groups, self.group_size).mul_(self.scales[a:b, :, None].to(out.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 in groups of {self.group_size}")
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table in int8 with one scale per row; looked-up rows come back in the scales' dtype."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> "Int8Embedding":
+        """Quantised a block of rows at a time: the table never exists whole in `dtype` or on `device`."""
+        w = embedding.weight.detach()
+        dtype, device = dtype or w.dtype, device or w.device
+        q = torch.empty(w.shape, dtype=torch.int8, device=device)
+        scales = torch.empty(w.shape[0], dtype=dtype, device=device)
+        for a in range(0, w.shape[0], 8192):
+            rows = w[a:a + 8192].to(device).float()
+            s = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q[a:a + 8192] = torch.round(rows / s[:, None]).clamp_(-127, 127)
+            scales[a:a + 8192] = s
+        return cls(q, scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.scales.dtype) * self.scales[ids, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
 
 
 def check_mode(mode: str, device: torch.device | str | None = None) -> None:
@@ -106,7 +220,8 @@ def check_mode(mode: str, device: torch.device | str | None = None) -> None:
 def quantize(model: nn.Module, mode: str = "int8",
              include: Callable[[str, nn.Module], bool] = language_model_linears,
              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace the selected Linear layers in place; returns the model. With `device`, the whole model moves
+    """Replace the selected Linear layers (and, in our modes, the token embedding) in place; returns the
+    model. With `device`, the whole model moves
     there: each selected layer is moved and quantised in turn, then the remaining tensors follow.
 
     With `dtype`, each selected layer is cast to it just before it is quantised, and the other floating
@@ -116,7 +231,7 @@ def quantize(model: nn.Module, mode: str = "int8",
     """
     target = None if device is None else torch.device(device)
     check_mode(mode, target or next(model.parameters()).device)
-    from .onednn import PackedLinear  # lazy: onednn builds on replace_linears below
+    from .onednn import PackedLinear  # lazy: onednn builds on replace_modules below
 
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("this model's Linear layers are packed for oneDNN (the CPU fp32 default); load it with "
@@ -126,14 +241,18 @@ def quantize(model: nn.Module, mode: str = "int8",
     elif mode.startswith("bnb"):
         make = _bnb_factory(mode)
     else:
-        make = Int8Linear.from_linear
+        make = Int4Linear.from_linear if mode == "int4" else Int8Linear.from_linear
 
     def convert(linear: nn.Linear) -> nn.Module:
+        source = linear.weight.data
         if dtype is not None:
             linear.to(dtype)
-        return make(linear, target or linear.weight.device)
+        return released(source, make(linear, target or linear.weight.device))
 
-    names = replace_linears(model, include, convert)
+    names = replace_modules(model, include, convert)
+    if mode in ("int8", "int4"):
+        names += replace_modules(model, token_embedding,
+                                 lambda e: released(e.weight.data, Int8Embedding.from_embedding(e, target, dtype)))
     if target is not None or dtype is not None:
         from accelerate.utils import set_module_tensor_to_device
 
@@ -145,8 +264,18 @@ def quantize(model: nn.Module, mode: str = "int8",
     return model
 
 
-def replace_linears(model: nn.Module, include: Callable[[str, nn.Module], bool],
-                    make: Callable[[nn.Linear], nn.Module]) -> list[str]:
+def released(source: torch.Tensor, quantized: nn.Module) -> nn.Module:
+    """`quantized`, after dropping the file pages of the weight it was made from (if memory-mapped).
+
+    A mapped window of the checkpoint lives until every tensor in it is replaced, which is at the end of
+    `quantize`; without this, the pages read from it stay in RSS: most of the 29 GB file for the 7B.
+    """
+    release_file_pages(source)
+    return quantized
+
+
+def replace_modules(model: nn.Module, include: Callable[[str, nn.Module], bool],
+                    make: Callable[[nn.Module], nn.Module]) -> list[str]:
     """Swap every selected layer for make(layer), in place; returns the qualified names swapped."""
     names = [name for name, m in model.named_modules() if include(name, m)]
     for name in names:

@@ -64,7 +64,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise SystemExit("error: -n must be at least 1")
     think_modes = think_modes_for(args.kinds)
-    runner = oracle_runner if args.oracle else model_runner(args.model)
+    runner = oracle_runner if args.oracle else model_runner(args.model, quantize=args.quantize)
     evaluate(runner, n=args.n, seed=args.seed, think_modes=think_modes, out_json=args.out)
 
 
@@ -107,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._
                     "the batch path, score every category and print a table.",
         epilog="example: openbagel eval shapes -n 20 --out shapes_eval.json  (add --oracle to check the scorer)")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="score the model quantised while loading (e.g. int8, int4): what quantising costs")
     p.add_argument("-n", type=int, default=20, help="tasks per category and think mode (default 20)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
     p.add_argument("--kinds", default=None,

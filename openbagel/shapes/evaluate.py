@@ -73,11 +73,11 @@ def pipeline_runner(pipeline) -> Runner:
     return lambda tasks_jsonl, out_dir: run_batch_file(pipeline, tasks_jsonl, out_dir)
 
 
-def model_runner(model: str | None = None) -> Runner:
-    """A runner for a model path (None: the embedded default model)."""
+def model_runner(model: str | None = None, quantize: str | None = None) -> Runner:
+    """A runner for a model path (None: the embedded default model), optionally quantised while loading."""
     from openbagel.inference.pipeline import BagelPipeline  # lazy, as above
 
-    return pipeline_runner(BagelPipeline.from_pretrained(model))
+    return pipeline_runner(BagelPipeline.from_pretrained(model, quantize=quantize))
 
 
 # --- scoring one task ----------------------------------------------------------------------------
