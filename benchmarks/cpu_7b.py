@@ -12,12 +12,15 @@ a tensor at a time, in the safetensors layout, from a pool of N(0, 0.02) values 
 random weights in the official file layout, bf16 as the released `ema.safetensors`. The measurement runs
 in a fresh process (`--worker`), so its resident high-water mark (VmHWM) is the load's and the calls'.
 VmHWM counts the file pages the load maps as well; `anon_gib` is the memory the process itself holds.
+`--memory-limit-gib N` runs the worker in a Linux memory cgroup of N GiB (page cache included, as a machine
+of that size would count it), to show the model runs there; it needs a writable cgroup hierarchy (root).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -129,6 +132,21 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(row))
 
 
+CGROUP_V2, CGROUP_V1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+
+
+def memory_cgroup(limit_gib: float) -> tuple[Path, str]:
+    """A new memory cgroup capped at `limit_gib` and the name of its peak-usage file (v2 or v1)."""
+    v2 = (CGROUP_V2 / "cgroup.controllers").is_file()
+    group = (CGROUP_V2 if v2 else CGROUP_V1) / f"openbagel-cpu-7b-{time.time_ns()}"
+    try:
+        group.mkdir()
+        (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(int(limit_gib * GiB)))
+    except OSError as exc:
+        sys.exit(f"--memory-limit-gib needs a writable memory cgroup ({group.parent}): {exc}")
+    return group, "memory.peak" if v2 else "memory.max_usage_in_bytes"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bagel-7b-mot", help="bagel-7b-mot (full size) or wide (2 layers)")
@@ -138,6 +156,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=256, help="text-to-image side in pixels")
     parser.add_argument("--timesteps", type=int, default=3, help="timesteps (N timesteps = N-1 denoising steps)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="run the worker in a memory cgroup of this size (Linux, root)")
     parser.add_argument("--out", default=None, help="default benchmarks/cpu_7b_<config>.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,11 +169,21 @@ def main() -> None:
         start = time.perf_counter()
         write_random_checkpoint(bench_config(args.config), work)
         print(f"wrote {work} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    run = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], capture_output=True, text=True)
+    group, peak_file = memory_cgroup(args.memory_limit_gib) if args.memory_limit_gib else (None, "")
+    join = None if group is None else lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        run = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], capture_output=True, text=True,
+                             preexec_fn=join)
+        peak = None if group is None else round(int((group / peak_file).read_text()) / GiB, 2)
+    finally:
+        if group is not None:
+            group.rmdir()
     if run.returncode:
-        sys.exit(f"worker failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        sys.exit(f"worker failed ({run.returncode}{', killed: out of memory?' if run.returncode < 0 else ''}):\n"
+                 f"{run.stderr[-3000:]}")
     row = json.loads(run.stdout.strip().splitlines()[-1])
-    columns = ["config", "quantize", "disk_gib", "load_s", "load_peak_gib", "load_anon_gib", "first_token_s",
+    row.update(memory_limit_gib=args.memory_limit_gib, cgroup_peak_gib=peak)
+    columns = ["config", "quantize", "memory_limit_gib", "cgroup_peak_gib", "disk_gib", "load_s", "load_peak_gib", "load_anon_gib", "first_token_s",
                "per_token_s", "side", "per_step_s", "t2i_s", "peak_gib", "anon_gib"]
     report([row], columns, args.out or Path(__file__).parent / f"cpu_7b_{args.config}.json",
            environment(args.threads))

@@ -134,6 +134,29 @@ def test_quantized_linear_blockwise_cpu_matmul_equals_dequantising_the_whole_wei
     assert got.shape == (2, tokens, 70_001) and torch.allclose(got, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_layers_reuse_one_workspace_per_thread():
+    """The CPU block buffers are kept per thread and shared by all layers: no fresh pages per call, and two
+    threads never write into the same buffer."""
+    import threading
+
+    from openbagel.inference.quantize import workspace
+
+    torch.manual_seed(0)
+    layers = [Int4Linear.from_linear(torch.nn.Linear(256, 96)), Int4Linear.from_linear(torch.nn.Linear(256, 80))]
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        first = [layer(x) for layer in layers]
+        block = workspace("block", (1, 1), torch.float32).data_ptr()
+        again = [layer(x) for layer in layers]
+    assert workspace("block", (1, 1), torch.float32).data_ptr() == block
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(workspace("block", (1, 1), torch.float32).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other and other[0] != block
+
+
 def test_int8_embedding_rows_within_a_step_of_the_table():
     torch.manual_seed(0)
     table = torch.nn.Embedding(20_000, 32)
