@@ -143,7 +143,13 @@ def memory_cgroup(limit_gib: float) -> tuple[Path, str]:
         group.mkdir()
         (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(int(limit_gib * GiB)))
     except OSError as exc:
-        sys.exit(f"--memory-limit-gib needs a writable memory cgroup ({group.parent}): {exc}")
+        if group.is_dir():
+            group.rmdir()
+        sys.exit(f"--memory-limit-gib needs a writable memory cgroup ({group.parent}; on cgroup v2 with +memory "
+                 f"in the parent's cgroup.subtree_control): {exc}")
+    swap = group / ("memory.swap.max" if v2 else "memory.memsw.limit_in_bytes")
+    if swap.is_file():  # no swapping out of the limit (v1: memory + swap capped at the same size)
+        swap.write_text("0" if v2 else str(int(limit_gib * GiB)))
     return group, "memory.peak" if v2 else "memory.max_usage_in_bytes"
 
 
@@ -158,7 +164,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="run the worker in a memory cgroup of this size (Linux, root)")
-    parser.add_argument("--out", default=None, help="default benchmarks/cpu_7b_<config>.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/cpu_7b_<config>_<quantize>[_<N>gib].json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -174,18 +180,20 @@ def main() -> None:
     try:
         run = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], capture_output=True, text=True,
                              preexec_fn=join)
-        peak = None if group is None else round(int((group / peak_file).read_text()) / GiB, 2)
+        peak_path = None if group is None else group / peak_file
+        peak = round(int(peak_path.read_text()) / GiB, 2) if peak_path and peak_path.is_file() else None
     finally:
         if group is not None:
             group.rmdir()
     if run.returncode:
-        sys.exit(f"worker failed ({run.returncode}{', killed: out of memory?' if run.returncode < 0 else ''}):\n"
-                 f"{run.stderr[-3000:]}")
+        killed = ", killed: out of memory?" if run.returncode < 0 else ""
+        sys.exit(f"worker failed ({run.returncode}{killed}):\n{run.stderr[-3000:]}")
     row = json.loads(run.stdout.strip().splitlines()[-1])
     row.update(memory_limit_gib=args.memory_limit_gib, cgroup_peak_gib=peak)
-    columns = ["config", "quantize", "memory_limit_gib", "cgroup_peak_gib", "disk_gib", "load_s", "load_peak_gib", "load_anon_gib", "first_token_s",
-               "per_token_s", "side", "per_step_s", "t2i_s", "peak_gib", "anon_gib"]
-    report([row], columns, args.out or Path(__file__).parent / f"cpu_7b_{args.config}.json",
+    columns = ["config", "quantize", "memory_limit_gib", "cgroup_peak_gib", "disk_gib", "load_s", "load_peak_gib",
+               "load_anon_gib", "first_token_s", "per_token_s", "side", "per_step_s", "t2i_s", "peak_gib", "anon_gib"]
+    limit = f"_{args.memory_limit_gib:g}gib" if args.memory_limit_gib else ""
+    report([row], columns, args.out or Path(__file__).parent / f"cpu_7b_{args.config}_{args.quantize}{limit}.json",
            environment(args.threads))
 
 

@@ -77,7 +77,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(for GPUs too small for the model; slower)")
     g.add_argument("--quantize", default=None, metavar="MODE",
                    help="quantise the language model's weights while loading: int8 or int4 (any device; int4 "
-                        "halves int8's memory, slower per token on CPU), torchao-int8, "
+                        "stores its Linear weights in half of int8's bytes, slower per token on CPU), torchao-int8, "
                         "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes), torchao-fp8 "
                         "(fp8 weights and activations: faster on Ada / Hopper GPUs)")
     g.add_argument("--compile", action="store_true",

@@ -51,9 +51,10 @@ def test_cpu_7b_benchmark_writes_a_streamed_checkpoint_and_loads_it_quantised(tm
 
     out, work = tmp_path / "cpu.json", tmp_path / "ck"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cpu_7b.py"), "--config", "tiny", "--work", str(work),
-           "--side", "64", "--tokens", "3", "--threads", "1", "--out", str(out)]
+           "--side", "64", "--tokens", "3", "--threads", "1", "--quantize", "int4", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     (row,) = json.loads(out.read_text())["rows"]
+    assert row["quantize"] == "int4" and row["memory_limit_gib"] is None
     assert row["load_s"] > 0 and row["peak_gib"] >= row["load_peak_gib"] > 0 and row["denoise_steps"] == 2
     assert 1 <= row["answer_tokens"] <= 3 and row["t2i_s"] > row["per_step_s"] > 0
     with safe_open(str(work / "ema.safetensors"), "pt") as f:

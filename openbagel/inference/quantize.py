@@ -10,7 +10,7 @@ Modes:
                 cache-sized block of rows at a time). Resident weights shrink 4x from fp32 (2x from bf16).
   int4          ours: symmetric int4 in groups of 64 inputs with a bf16 scale per group, two weights a
                 byte (4.25 bits a weight): half of int8's memory, for machines that cannot hold int8
-                (the 7B in ~10 GiB on CPU). Dequantised the same way; on CPU a token costs 2.5x int8's
+                (the 7B in ~10 GiB on CPU). Dequantised the same way; on CPU a token costs 2.6x int8's
                 time (more unpacking per byte), an image step 1.35x, a long prompt the same.
   torchao-int8  torchao `Int8WeightOnlyConfig` (CUDA; needs `pip install openbagel[quant]`).
   torchao-int4  torchao `Int4WeightOnlyConfig` (CUDA, bf16 model).
@@ -71,7 +71,8 @@ def workspace(name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Te
     key, numel = (name, dtype), shape[0] * shape[1]
     buffer = getattr(_WORKSPACES, "buffers", {}).get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference_mode
+            buffer = torch.empty(numel, dtype=dtype, device="cpu")
         _WORKSPACES.buffers = {**getattr(_WORKSPACES, "buffers", {}), key: buffer}
     return buffer[:numel].view(shape)
 
@@ -84,9 +85,9 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int) -> None:
+                 in_features: int | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, weight.shape[0]
+        self.in_features, self.out_features = in_features or weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -96,7 +97,7 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def _scratch(self, rows: int) -> torch.Tensor | None:
-        """Working memory for `_dequantize_rows` of up to `rows` rows, made once per call."""
+        """Working memory for `_dequantize_rows` of up to `rows` rows (from this thread's workspace)."""
         return None
 
     def _output_scales(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -180,7 +181,7 @@ class Int4Linear(QuantizedLinear):
             raise ValueError(f"int4 packs inputs in pairs: a Linear with {k} inputs cannot be stored; "
                              "quantise it with int8, or leave it out with `include`")
         w = linear.weight.detach().to(device).float().view(n, k // group, group)
-        # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5 (no level past +-8.5)
+        # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5, so |w| / scale <= 7.5
         scales = (w.abs().amax(dim=2).clamp_min(1e-12) * ((1 + 2**-8) / 7.5)).to(torch.bfloat16)
         q = torch.round(w / scales.float()[..., None]).clamp_(-8, 7).to(torch.int8).view(n, k // group, 2, group // 2)
         packed = (q[:, :, 0] & 15) | (q[:, :, 1] << 4)
@@ -194,7 +195,8 @@ class Int4Linear(QuantizedLinear):
         """Unpacked through `scratch`, not temporaries (see `workspace`)."""
         groups, half = self.in_features // self.group_size, self.group_size // 2
         packed = self.weight[a:b].view(b - a, groups, half)
-        nibbles = (scratch if scratch is not None else torch.empty_like(self.weight))[:b - a].view(b - a, groups, half)
+        nibbles = (scratch if scratch is not None else self.weight.new_empty(b - a, self.in_features // 2))
+        nibbles = nibbles[:b - a].view(b - a, groups, half)
         halves = out.view(b - a, groups, 2, half)
         torch.bitwise_left_shift(packed, 4, out=nibbles)
         halves[:, :, 0].copy_(nibbles.bitwise_right_shift_(4))
@@ -250,10 +252,11 @@ def check_mode(mode: str, device: torch.device | str | None = None) -> None:
 
 def quantize(model: nn.Module, mode: str = "int8",
              include: Callable[[str, nn.Module], bool] = language_model_linears,
-             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace the selected Linear layers (and, in our modes, the token embedding) in place; returns the
-    model. With `device`, the whole model moves
-    there: each selected layer is moved and quantised in turn, then the remaining tensors follow.
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+             embedding: bool = True) -> nn.Module:
+    """Replace the selected Linear layers in place; returns the model. In our modes (int8, int4) the token
+    embedding is stored in int8 too, unless `embedding=False`. With `device`, the whole model moves there:
+    each selected layer is moved and quantised in turn, then the remaining tensors follow.
 
     With `dtype`, each selected layer is cast to it just before it is quantised, and the other floating
     tensors after: a model still in its file's dtype (memory-mapped by `load_checkpoint(dtype=None)`)
@@ -280,8 +283,13 @@ def quantize(model: nn.Module, mode: str = "int8",
             linear.to(dtype)
         return released(source, make(linear, target or linear.weight.device))
 
+    if mode == "int4":  # check every layer first: never leave a half-converted model behind
+        for name, module in model.named_modules():
+            if include(name, module) and module.in_features % 2:
+                raise ValueError(f"int4 packs inputs in pairs: {name} has {module.in_features} inputs; "
+                                 "quantise with int8, or leave the layer out with `include`")
     names = replace_modules(model, include, convert)
-    if mode in ("int8", "int4"):
+    if embedding and mode in ("int8", "int4"):
         names += replace_modules(model, token_embedding,
                                  lambda e: released(e.weight.data, Int8Embedding.from_embedding(e, target, dtype)))
     if target is not None or dtype is not None:
