@@ -136,7 +136,10 @@ def test_cli_eval_oracle(tmp_path, capsys):
     from openbagel.shapes.cli import main
     main(["eval", "shapes", "--oracle", "-n", "1", "--out", str(tmp_path / "r.json")])
     assert "edit/mean" in capsys.readouterr().out
-    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["chat/all_turns"] == 1.0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metrics"]["chat/all_turns"] == 1.0 and report["model"] == "oracle"
+    with pytest.raises(SystemExit, match="--oracle answers without a model"):
+        main(["eval", "shapes", "--oracle", "--quantize", "int4"])
 
 
 def test_cli_eval_kinds_scores_only_those_kinds(tmp_path, capsys):

@@ -64,8 +64,11 @@ def _eval(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise SystemExit("error: -n must be at least 1")
     think_modes = think_modes_for(args.kinds)
+    if args.oracle and (args.model or args.quantize):
+        raise SystemExit("error: --oracle answers without a model; drop --model / --quantize")
     runner = oracle_runner if args.oracle else model_runner(args.model, quantize=args.quantize)
-    evaluate(runner, n=args.n, seed=args.seed, think_modes=think_modes, out_json=args.out)
+    about = {"model": "oracle"} if args.oracle else {"model": args.model or "embedded", "quantize": args.quantize}
+    evaluate(runner, n=args.n, seed=args.seed, think_modes=think_modes, out_json=args.out, about=about)
 
 
 def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._SubParsersAction | None = None) -> None:

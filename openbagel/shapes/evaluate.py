@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -231,14 +232,18 @@ def eval_tasks(n: int, seed: int, think_modes: Mapping[str, Sequence[bool]]) -> 
 
 def evaluate(runner: Runner, n: int = 20, seed: int = 0,
              think_modes: Mapping[str, Sequence[bool]] = DEFAULT_THINK_MODES,
-             out_json: str | Path | None = None, work_dir: str | Path | None = None) -> dict:
-    """Generate, run, score; prints the table and writes the report JSON to out_json if given."""
+             out_json: str | Path | None = None, work_dir: str | Path | None = None,
+             about: Mapping[str, Any] | None = None) -> dict:
+    """Generate, run, score; prints the table and writes the report JSON to out_json if given.
+
+    `about` (what was scored: model, quantisation) is copied into the report, so a JSON says what it measures.
+    """
     with tempfile.TemporaryDirectory(prefix="shapes-eval-") as tmp:
         work = Path(work_dir or tmp)
         tasks, thinks = eval_tasks(n, seed, think_modes)
         tasks_jsonl = write_task_file(tasks, work / "tasks", thinks)
         runner(tasks_jsonl, work / "out")
-        report = {"n": n, "seed": seed, **score(work / "tasks", work / "out")}
+        report = {"n": n, "seed": seed, **(about or {}), **score(work / "tasks", work / "out")}
     print(format_table(report))
     if out_json:
         Path(out_json).write_text(json.dumps(report, indent=2) + "\n")
