@@ -305,7 +305,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_path
     from .config import BagelConfig
     from .inference.pipeline import EMBEDDED_MODEL
-    from .inference.quantize import INT4_GROUP, language_model_linears
+    from .inference.quantize import WEIGHT_BYTES, language_model_linears
     from .models.bagel import Bagel
     from .models.vae import AutoEncoder
 
@@ -338,7 +338,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\nweights in memory (activations and KV cache come on top):")
     for dtype, nbytes in DTYPE_BYTES.items():
         print(f"  {dtype:<5} {_human((total - vae_n) * nbytes + vae_n * 4)}")
-    for mode, linear_bytes in (("int8", 1.0), ("int4", 0.5 + 2 / INT4_GROUP)):
+    for mode, linear_bytes in WEIGHT_BYTES.items():
         for dtype, nbytes in DTYPE_BYTES.items():
             held = linear_n * linear_bytes + embedding_n + rest_n * nbytes + vae_n * 4
             print(f"  {mode} weights, the rest {dtype:<5} {_human(held)}"

@@ -56,6 +56,16 @@ def token_embedding(name: str, module: nn.Module) -> bool:
 # input rows, the large one from 512 (int8, 3,584 x 18,944 at 512 rows: 638 ms against 1,052 ms).
 BLOCK_ELEMENTS, BLOCK_ELEMENTS_LARGE, BLOCK_LARGE_FROM = 2**20, 2**22, 512
 INT4_GROUP = 64
+WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5 + 2 / INT4_GROUP}  # bytes a Linear weight takes in our modes
+
+
+def int4_group(in_features: int, subject: str) -> int:
+    """The int4 group size for a layer with `in_features` inputs, or a ValueError naming `subject`."""
+    group = math.gcd(in_features, INT4_GROUP)
+    if group % 2:
+        raise ValueError(f"int4 packs inputs in pairs: {subject} {in_features} inputs; "
+                         "quantise it with int8, or leave it out with `include`")
+    return group
 
 
 _WORKSPACES = threading.local()
@@ -68,13 +78,12 @@ def workspace(name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Te
     malloc handing back and re-faulting them, int4 decoding ran 4x slower under memory pressure (a 16 GiB
     memory cgroup). One buffer per thread (at most 16 MiB + 2 MiB) is kept instead; threads never share one.
     """
+    buffers = vars(_WORKSPACES).setdefault("buffers", {})  # this thread's own dict
     key, numel = (name, dtype), shape[0] * shape[1]
-    buffer = getattr(_WORKSPACES, "buffers", {}).get(key)
-    if buffer is None or buffer.numel() < numel:
+    if key not in buffers or buffers[key].numel() < numel:
         with torch.inference_mode(False):  # an inference tensor could not be written outside inference_mode
-            buffer = torch.empty(numel, dtype=dtype, device="cpu")
-        _WORKSPACES.buffers = {**getattr(_WORKSPACES, "buffers", {}), key: buffer}
-    return buffer[:numel].view(shape)
+            buffers[key] = torch.empty(numel, dtype=dtype, device="cpu")
+    return buffers[key][:numel].view(shape)
 
 
 class QuantizedLinear(nn.Module):
@@ -173,13 +182,9 @@ class Int4Linear(QuantizedLinear):
         return self.in_features // self.scales.shape[1]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None,
-                    group_size: int = INT4_GROUP) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> "Int4Linear":
         n, k = linear.weight.shape
-        group = math.gcd(k, group_size)
-        if group % 2:
-            raise ValueError(f"int4 packs inputs in pairs: a Linear with {k} inputs cannot be stored; "
-                             "quantise it with int8, or leave it out with `include`")
+        group = int4_group(k, "a Linear with")
         w = linear.weight.detach().to(device).float().view(n, k // group, group)
         # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5, so |w| / scale <= 7.5
         scales = (w.abs().amax(dim=2).clamp_min(1e-12) * ((1 + 2**-8) / 7.5)).to(torch.bfloat16)
@@ -285,9 +290,8 @@ def quantize(model: nn.Module, mode: str = "int8",
 
     if mode == "int4":  # check every layer first: never leave a half-converted model behind
         for name, module in model.named_modules():
-            if include(name, module) and module.in_features % 2:
-                raise ValueError(f"int4 packs inputs in pairs: {name} has {module.in_features} inputs; "
-                                 "quantise with int8, or leave the layer out with `include`")
+            if include(name, module):
+                int4_group(module.in_features, f"{name} has")
     names = replace_modules(model, include, convert)
     if embedding and mode in ("int8", "int4"):
         names += replace_modules(model, token_embedding,
