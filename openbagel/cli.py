@@ -511,7 +511,11 @@ OPTIONAL_EXTRAS = {"gradio": "app", "fastapi": "serve", "uvicorn": "serve", "pyd
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; errors a user can cause end as one line on stderr and exit status 1."""
     try:
         result = args.func(args)
     except ModuleNotFoundError as exc:  # an optional extra that is not installed

@@ -140,6 +140,9 @@ def test_cli_eval_oracle(tmp_path, capsys):
     assert report["metrics"]["chat/all_turns"] == 1.0 and report["model"] == "oracle"
     with pytest.raises(SystemExit, match="--oracle answers without a model"):
         main(["eval", "shapes", "--oracle", "--quantize", "int4"])
+    # a bad mode is the same one-line error as under the `openbagel` entry point, not a traceback
+    assert main(["eval", "shapes", "--quantize", "int9", "-n", "1"]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown quantisation mode 'int9'")
 
 
 def test_cli_eval_kinds_scores_only_those_kinds(tmp_path, capsys):

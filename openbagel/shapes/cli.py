@@ -1,5 +1,6 @@
 """Command line: `shapes render`, `shapes sample` and `eval shapes`. The top-level `openbagel` CLI
-mounts these with `register(subparsers)`; `python -m openbagel.shapes.cli ...` runs them standalone.
+mounts these with `register(subparsers)`; `python -m openbagel.shapes.cli ...` runs them standalone, with
+the same error handling.
 
 Handlers turn bad input into SystemExit("error: ..."): one line on stderr and a non-zero exit.
 """
@@ -126,9 +127,9 @@ def register(subparsers: argparse._SubParsersAction, eval_subparsers: argparse._
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="openbagel")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
+    from ..cli import run  # the same error handling as the `openbagel` entry point
+
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
