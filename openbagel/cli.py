@@ -305,7 +305,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_path
     from .config import BagelConfig
     from .inference.pipeline import EMBEDDED_MODEL
-    from .inference.quantize import WEIGHT_BYTES, language_model_linears
+    from .inference.quantize import WEIGHT_BYTES, language_model_linears, vision_linears
     from .models.bagel import Bagel
     from .models.vae import AutoEncoder
 
@@ -331,16 +331,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  {'total':<{width}}  {total:>15,}")
     vae_n = counts["vae (kept in fp32)"]
     # --quantize int8 / int4 store the language model's Linear weights in one byte / half a byte (plus a
-    # bf16 scale per 64 weights) and its token embedding in one byte; the rest stays in the dtype
+    # bf16 scale per 64 weights), its token embedding and the ViT's Linear weights in one byte; the rest
+    # stays in the dtype
     linear_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
-    embedding_n = model.language_model.model.embed_tokens.weight.numel()
-    rest_n = total - vae_n - linear_n - embedding_n
+    int8_n = model.language_model.model.embed_tokens.weight.numel() + sum(
+        m.weight.numel() for name, m in model.named_modules() if vision_linears(name, m))
+    rest_n = total - vae_n - linear_n - int8_n
     print("\nweights in memory (activations and KV cache come on top):")
     for dtype, nbytes in DTYPE_BYTES.items():
         print(f"  {dtype:<5} {_human((total - vae_n) * nbytes + vae_n * 4)}")
     for mode, linear_bytes in WEIGHT_BYTES.items():
         for dtype, nbytes in DTYPE_BYTES.items():
-            held = linear_n * linear_bytes + embedding_n + rest_n * nbytes + vae_n * 4
+            held = linear_n * linear_bytes + int8_n + rest_n * nbytes + vae_n * 4
             print(f"  {mode} weights, the rest {dtype:<5} {_human(held)}"
                   f"  (--quantize {mode}{' on CPU' if dtype == 'fp32' else ''})")
 

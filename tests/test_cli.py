@@ -118,6 +118,21 @@ def test_info(tiny_checkpoint, capsys):
     assert all(f"{mode} weights, the rest {dtype}" in stdout for mode in ("int8", "int4") for dtype in ("fp32", "bf16"))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_info_predicts_the_memory_of_a_quantised_model(mode, capsys):
+    """What `info` prints for `--quantize MODE on CPU` is what loading the embedded model that way holds
+    (the per-channel scales it leaves out are ~1% at this width)."""
+    from openbagel.inference.pipeline import BagelPipeline
+    from openbagel.inference.quantize import weight_bytes
+
+    code, stdout, _ = run(["info"], capsys)
+    line = next(x for x in stdout.splitlines() if f"(--quantize {mode} on CPU)" in x)
+    printed_mb = float(line.split("fp32")[1].split("MB")[0])
+    pipe = BagelPipeline.from_pretrained(device="cpu", dtype="fp32", quantize=mode)
+    held_mb = (weight_bytes(pipe.engine.model) + weight_bytes(pipe.engine.vae)) / 2**20
+    assert code == 0 and abs(printed_mb - held_mb) < 0.03 * held_mb
+
+
 def test_demo(shared_pipeline, tmp_path, capsys):
     code, stdout, _ = run(["demo", "--out", tmp_path / "demo", *FAST], capsys)
     assert code == 0

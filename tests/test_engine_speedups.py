@@ -168,6 +168,16 @@ def test_quantized_layers_reuse_one_workspace_per_thread():
         assert one.result() != two.result()
 
 
+def test_quantize_extras_false_leaves_the_embedding_and_the_vit(tiny_checkpoint):
+    from openbagel.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint).model
+    quantize(model, "int4", extras=False)
+    assert type(model.language_model.model.embed_tokens) is torch.nn.Embedding
+    assert all(type(m) is not Int8Linear for name, m in model.named_modules() if name.startswith("vit_model."))
+    assert any(type(m) is Int4Linear for m in model.modules())
+
+
 def test_int4_quantize_refuses_odd_layers_before_changing_any():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(7, 8))
     with pytest.raises(ValueError, match="int4 packs inputs in pairs: 1 has 7 inputs"):
@@ -200,6 +210,9 @@ def test_quantized_pipeline_runs_and_shrinks(tiny_checkpoint, mode, shrink, tole
     before = weight_bytes(llm)
     quantize(pipe.engine.model, mode)
     assert isinstance(llm.model.embed_tokens, Int8Embedding)
+    vit_linears = [m for name, m in pipe.engine.model.named_modules() if name.startswith("vit_model.")
+                   and isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
+    assert vit_linears and all(type(m) is Int8Linear for m in vit_linears)  # int8 in both modes
     assert weight_bytes(llm) < shrink * before
     out = _generate(pipe, jobs)
     assert _rel(out, plain) < tolerance
