@@ -114,6 +114,22 @@ def test_int4_linear_stores_each_weight_at_its_nearest_level():
         assert 0.01 < _rel(q(x), lin(x)) < 0.15  # int4 is coarse: ~7% on Gaussian weights
 
 
+@pytest.mark.parametrize("layer", [Int8Linear, Int4Linear])
+def test_quantizing_a_block_of_rows_at_a_time_changes_nothing(layer, monkeypatch):
+    """A large weight is quantised in bounded blocks of rows (the 7B's lm_head would otherwise take GBs of
+    fp32 temporaries): the same bytes and scales as in one block, and the source weight is left as it was."""
+    from openbagel.inference import quantize as quantize_module
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 1000)
+    before = linear.weight.detach().clone()
+    whole = layer.from_linear(linear)
+    monkeypatch.setattr(quantize_module, "QUANTIZE_ELEMENTS", 128 * 7)  # 7 rows a block, the last one partial
+    blocked = layer.from_linear(linear)
+    assert torch.equal(blocked.weight, whole.weight) and torch.equal(blocked.scales, whole.scales)
+    assert torch.equal(linear.weight.detach(), before)
+
+
 def test_int4_needs_an_even_number_of_inputs():
     with pytest.raises(ValueError, match="int4 packs inputs in pairs: a Linear with 63 inputs"):
         Int4Linear.from_linear(torch.nn.Linear(63, 8))

@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import release_file_pages
+
+# (linear, device, dtype) -> its quantised replacement on device; dtype (or None: the weight's) is
+# the dtype of what stays in floating point (scales, bias) and of the activations
+Factory = Callable[[nn.Linear, torch.device, "torch.dtype | None"], nn.Module]
 
 MODES = ("int8", "int4", "torchao-int8", "torchao-int4", "torchao-fp8", "bnb-int8", "bnb-nf4")
 
@@ -89,6 +93,37 @@ def workspace(name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Te
         with torch.inference_mode(False):  # an inference tensor could not be written outside inference_mode
             buffers[key] = torch.empty(numel, dtype=dtype, device="cpu")
     return buffers[key][:numel].view(shape)
+
+
+QUANTIZE_ELEMENTS = 2**24  # weights quantised per block: 64 MiB in fp32, whatever the layer's size
+
+
+def row_blocks(weight: torch.Tensor, device: torch.device | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(a, b, rows [a, b) of `weight` in fp32 on `device`), a bounded block at a time.
+
+    Quantising a whole weight at once made up to three fp32 temporaries of its size: for the 7B's lm_head
+    (545 M weights, 2.2 GB in fp32) about 6.5 GB on top of the model, while it loaded.
+    """
+    step = max(1, QUANTIZE_ELEMENTS // max(1, math.prod(weight.shape[1:])))
+    for a in range(0, weight.shape[0], step):
+        b = min(a + step, weight.shape[0])
+        yield a, b, weight[a:b].to(device, torch.float32, copy=True)  # a copy: callers work on it in place
+
+
+def int8_rows(weight: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale (in `dtype`) per row: (int8 rows, scales)."""
+    device = device or weight.device
+    q = torch.empty(weight.shape, dtype=torch.int8, device=device)
+    scales = torch.empty(weight.shape[0], dtype=dtype, device=device)
+    for a, b, w in row_blocks(weight, device):
+        s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q[a:b] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[a:b] = s
+    return q, scales
+
+
+def _bias(linear: nn.Linear, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().to(device, dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -156,12 +191,12 @@ class Int8Linear(QuantizedLinear):
     """int8 weight [out, in] and one fp scale per output channel (applied to the output)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> "Int8Linear":
-        w = linear.weight.detach().to(device).float()
-        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().to(device)
-        return cls(q, scales.to(linear.weight.dtype), bias, w.shape[1])
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> "Int8Linear":
+        """Scales and bias in `dtype` (default: the weight's)."""
+        dtype = dtype or linear.weight.dtype
+        q, scales = int8_rows(linear.weight.detach(), device, dtype)
+        return cls(q, scales, _bias(linear, device, dtype), linear.in_features)
 
     def _dequantize_rows(self, out: torch.Tensor, a: int, b: int, scratch: torch.Tensor | None = None) -> None:
         out.copy_(self.weight[a:b])
@@ -187,16 +222,22 @@ class Int4Linear(QuantizedLinear):
         return self.in_features // self.scales.shape[1]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> "Int4Linear":
-        n, k = linear.weight.shape
-        group = int4_group(k, "a Linear with")
-        w = linear.weight.detach().to(device).float().view(n, k // group, group)
-        # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5, so |w| / scale <= 7.5
-        scales = (w.abs().amax(dim=2).clamp_min(1e-12) * ((1 + 2**-8) / 7.5)).to(torch.bfloat16)
-        q = torch.round(w / scales.float()[..., None]).clamp_(-8, 7).to(torch.int8).view(n, k // group, 2, group // 2)
-        packed = (q[:, :, 0] & 15) | (q[:, :, 1] << 4)
-        bias = None if linear.bias is None else linear.bias.detach().to(device)
-        return cls(packed.reshape(n, k // 2), scales, bias, k)
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> "Int4Linear":
+        """Bias in `dtype` (default: the weight's); scales are bf16."""
+        weight = linear.weight.detach()
+        n, k = weight.shape
+        group, device = int4_group(k, "a Linear with"), device or weight.device
+        packed = torch.empty(n, k // 2, dtype=torch.int8, device=device)
+        scales = torch.empty(n, k // group, dtype=torch.bfloat16, device=device)
+        for a, b, w in row_blocks(weight, device):
+            w = w.view(b - a, k // group, group)
+            # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5, so |w| / scale <= 7.5
+            s = (w.abs().amax(dim=2).clamp_min(1e-12) * ((1 + 2**-8) / 7.5)).to(torch.bfloat16)
+            q = w.div_(s.float()[..., None]).round_().clamp_(-8, 7).to(torch.int8).view(b - a, k // group, 2, group // 2)
+            packed[a:b] = ((q[:, :, 0] & 15) | (q[:, :, 1] << 4)).view(b - a, k // 2)
+            scales[a:b] = s
+        return cls(packed, scales, _bias(linear, device, dtype or weight.dtype), k)
 
     def _scratch(self, rows: int) -> torch.Tensor:
         return workspace("nibbles", (rows, self.in_features // 2), torch.int8)
@@ -230,17 +271,8 @@ class Int8Embedding(nn.Module):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> "Int8Embedding":
-        """Quantised a block of rows at a time: the table never exists whole in `dtype` or on `device`."""
-        w = embedding.weight.detach()
-        dtype, device = dtype or w.dtype, device or w.device
-        q = torch.empty(w.shape, dtype=torch.int8, device=device)
-        scales = torch.empty(w.shape[0], dtype=dtype, device=device)
-        for a in range(0, w.shape[0], 8192):
-            rows = w[a:a + 8192].to(device).float()
-            s = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            q[a:a + 8192] = torch.round(rows / s[:, None]).clamp_(-127, 127)
-            scales[a:a + 8192] = s
-        return cls(q, scales)
+        """The same rows and scales as Int8Linear's: an embedding is a weight indexed instead of multiplied."""
+        return cls(*int8_rows(embedding.weight.detach(), device, dtype or embedding.weight.dtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].to(self.scales.dtype) * self.scales[ids, None]
@@ -288,11 +320,8 @@ def quantize(model: nn.Module, mode: str = "int8",
     else:
         make = Int4Linear.from_linear if mode == "int4" else Int8Linear.from_linear
 
-    def convert(linear: nn.Linear, make: Callable[[nn.Linear, torch.device], nn.Module] = make) -> nn.Module:
-        source = linear.weight.data
-        if dtype is not None:
-            linear.to(dtype)
-        return released(source, make(linear, target or linear.weight.device))
+    def convert(linear: nn.Linear, make: Factory = make) -> nn.Module:
+        return released(linear.weight.data, make(linear, target or linear.weight.device, dtype))
 
     if mode == "int4":  # check every layer first: never leave a half-converted model behind
         for name, module in model.named_modules():
@@ -335,7 +364,7 @@ def replace_modules(model: nn.Module, include: Callable[[str, nn.Module], bool],
     return names
 
 
-def _torchao_factory(mode: str) -> Callable[[nn.Linear, torch.device], nn.Module]:
+def _torchao_factory(mode: str) -> Factory:
     try:
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
                                           Int8WeightOnlyConfig, PerRow, quantize_)
@@ -344,21 +373,22 @@ def _torchao_factory(mode: str) -> Callable[[nn.Linear, torch.device], nn.Module
     config = {"torchao-int8": Int8WeightOnlyConfig, "torchao-int4": Int4WeightOnlyConfig,
               "torchao-fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())}[mode]()
 
-    def make(linear: nn.Linear, device: torch.device) -> nn.Module:
-        holder = nn.Sequential(linear.to(device))  # quantize_ swaps children of the module it is given
+    def make(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+        holder = nn.Sequential(linear.to(device, dtype))  # quantize_ swaps children of the module it is given
         quantize_(holder, config)
         return holder[0]
 
     return make
 
 
-def _bnb_factory(mode: str) -> Callable[[nn.Linear, torch.device], nn.Module]:
+def _bnb_factory(mode: str) -> Factory:
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise ImportError(f"{mode} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
 
-    def make(linear: nn.Linear, device: torch.device) -> nn.Module:
+    def make(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+        linear.to(dtype)
         with torch.device("meta"):  # no throw-away init of a full-size weight per layer
             if mode == "bnb-int8":
                 new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
