@@ -334,3 +334,29 @@ def test_a_parquet_file_without_the_columns_names_them(tmp_path):
     source = ParquetSource([str(tmp_path / "t.parquet")], 0, t2i_sample)
     with pytest.raises(ValueError, match=r"t.parquet has no column 'captions'; its columns: \['caption', 'img'\]"):
         next(source(0, 1))
+
+
+def test_shapes_tiny_recipe_runs_every_stage_from_scratch(tmp_path, monkeypatch, capsys):
+    """`openbagel train shapes-tiny` on a clean checkout: tokenizer, autoencoder (+ decoder polish), unified
+    model and export, in one run folder (stage lengths cut down; the recipe's own are hours)."""
+    import json
+    from dataclasses import replace
+
+    from openbagel import cli
+    from openbagel.inference.pipeline import BagelPipeline
+    from openbagel.train import embedded
+
+    quick = replace(embedded.AUTOENCODERS["shapes-tiny"], steps=3, batch_size=2, save_every=1000, log_every=1,
+                    polish_steps=2)
+    monkeypatch.setitem(embedded.AUTOENCODERS, "shapes-tiny", quick)
+    out = tmp_path / "run"
+    assert cli.main(["train", "shapes-tiny", "steps=2", "save_every=2", "eval_every=0", "--out", str(out)]) == 0
+    assert "step 2: loss" in capsys.readouterr().out
+    metrics = json.loads((out / "autoencoder" / "ae_metrics.json").read_text())
+    assert metrics["polished_steps"] == 2
+    vocab = json.loads((out / "export" / "tokenizer.json").read_text())["model"]
+    assert vocab["merges"], "the tokenizer stage trained no BPE merges"
+    pipe = BagelPipeline.from_pretrained(out / "export", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe.generate("a large red circle at the center on a black background", num_inference_steps=2).images[0]
+    assert image.size == (64, 64)
