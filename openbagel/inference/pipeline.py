@@ -106,8 +106,9 @@ class BagelPipeline:
         `offload=True` keeps the decoder layers in CPU memory and streams each to `device` when it runs
         (`inference/offload.py`): for GPUs that cannot hold the whole model. `quantize` (a mode of
         `inference/quantize.py`: int8, int4, torchao-int8, torchao-int4, torchao-fp8, bnb-int8, bnb-nf4) maps the weights
-        from the file and quantises the language model layer by layer on its way to `device`, converting
-        one layer at a time to `dtype` (the 7B loads on a 24 GiB CPU machine this way). `pack`
+        from the file and quantises the language model (in int8 / int4 also the token embedding and the ViT)
+        layer by layer on its way to `device`, converting one layer at a time to `dtype` (the 7B loads on a
+        24 GiB CPU machine this way, and with int4 runs in a 12 GiB memory cgroup). `pack`
         runs the fp32 Linear layers on oneDNN with weights reordered on each layer's first call
         (`inference/onednn.py`; default: on for fp32 on CPU without quantize or offload; pass False to
         quantise or train the model later). `torch_dtype` is diffusers' name for `dtype`.
