@@ -306,7 +306,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_path
     from .config import BagelConfig
     from .inference.pipeline import EMBEDDED_MODEL
-    from .inference.quantize import WEIGHT_BYTES, language_model_linears, vision_linears
+    from .inference.quantize import WEIGHT_BYTES, int8_extras, language_model_linears
     from .models.bagel import Bagel
     from .models.vae import AutoEncoder
 
@@ -335,8 +335,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     # bf16 scale per 64 weights), its token embedding and the ViT's Linear weights in one byte; the rest
     # stays in the dtype
     linear_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
-    int8_n = model.language_model.model.embed_tokens.weight.numel() + sum(
-        m.weight.numel() for name, m in model.named_modules() if vision_linears(name, m))
+    int8_n = sum(m.weight.numel() for name, m in model.named_modules() if int8_extras(name, m))
     rest_n = total - vae_n - linear_n - int8_n
     print("\nweights in memory (activations and KV cache come on top):")
     for dtype, nbytes in DTYPE_BYTES.items():

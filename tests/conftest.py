@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The property tests check values, not speed: on a loaded 2-core CI machine one draw can take seconds
+# (a run failed on "input generation is slow"), so neither a deadline nor the too-slow check applies.
+settings.register_profile("openbagel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("openbagel")
 
 
 @pytest.fixture(scope="session")

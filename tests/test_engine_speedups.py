@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from openbagel.inference.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize, weight_bytes
+from openbagel.inference.quantize import (Int4Linear, Int8Embedding, Int8Linear, quantize, vision_linears,
+                                          weight_bytes)
 from openbagel.inference.step_cache import StepCacheConfig, newton_extrapolate
 
 
@@ -188,10 +189,27 @@ def test_quantize_extras_false_leaves_the_embedding_and_the_vit(tiny_checkpoint)
     from openbagel.checkpoint import load_checkpoint
 
     model = load_checkpoint(tiny_checkpoint).model
+    vit_names = [name for name, m in model.named_modules() if vision_linears(name, m)]
     quantize(model, "int4", extras=False)
     assert type(model.language_model.model.embed_tokens) is torch.nn.Embedding
-    assert all(type(m) is not Int8Linear for name, m in model.named_modules() if name.startswith("vit_model."))
+    assert vit_names and all(type(model.get_submodule(name)) is torch.nn.Linear for name in vit_names)
     assert any(type(m) is Int4Linear for m in model.modules())
+
+
+@pytest.mark.parametrize("layer", [Int8Linear, Int4Linear])
+def test_quantized_layers_keep_bias_and_scales_in_the_dtype_asked_for(layer):
+    """From a bf16 file into an fp32 model: int8 scales and every bias in fp32 (int4 scales stay bf16);
+    without a dtype, the weight's."""
+    linear = torch.nn.Linear(64, 8).to(torch.bfloat16)
+    q = layer.from_linear(linear, dtype=torch.float32)
+    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, linear.bias.detach().float())
+    assert q.scales.dtype == (torch.float32 if layer is Int8Linear else torch.bfloat16)
+    assert layer.from_linear(linear).bias.dtype == torch.bfloat16
+    w = torch.empty(8, 64)
+    q._dequantize_rows(w, 0, 8)
+    if layer is Int8Linear:
+        w *= q.scales[:, None]
+    assert _rel(w, linear.weight.detach().float()) < (0.01 if layer is Int8Linear else 0.1)
 
 
 def test_int4_quantize_refuses_odd_layers_before_changing_any():

@@ -336,6 +336,7 @@ def test_a_parquet_file_without_the_columns_names_them(tmp_path):
         next(source(0, 1))
 
 
+@pytest.mark.slow
 def test_shapes_tiny_recipe_runs_every_stage_from_scratch(tmp_path, monkeypatch, capsys):
     """`openbagel train shapes-tiny` on a clean checkout: tokenizer, autoencoder (+ decoder polish), unified
     model and export, in one run folder (stage lengths cut down; the recipe's own are hours)."""

@@ -10,7 +10,7 @@ Modes:
                 cache-sized block of rows at a time). Resident weights shrink 4x from fp32 (2x from bf16).
   int4          ours: symmetric int4 in groups of 64 inputs with a bf16 scale per group, two weights a
                 byte (4.25 bits a weight): half of int8's memory, for machines that cannot hold int8
-                (the 7B in ~10 GiB on CPU). Dequantised the same way; on CPU a token costs 2.6x int8's
+                (on CPU the 7B holds 8.6 GiB and runs in a 12 GiB memory cgroup). Dequantised the same way; on CPU a token costs 2.6x int8's
                 time (more unpacking per byte), an image step 1.35x, a long prompt the same.
   torchao-int8  torchao `Int8WeightOnlyConfig` (CUDA; needs `pip install openbagel[quant]`).
   torchao-int4  torchao `Int4WeightOnlyConfig` (CUDA, bf16 model).
@@ -58,6 +58,11 @@ def vision_linears(name: str, module: nn.Module) -> bool:
 
 def token_embedding(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and name == "language_model.model.embed_tokens"
+
+
+def int8_extras(name: str, module: nn.Module) -> bool:
+    """What our modes store in int8 besides the selected layers: the token embedding and the ViT's Linears."""
+    return vision_linears(name, module) or token_embedding(name, module)
 
 
 # The CPU blocks of the quantised layers, in weight elements (fp32 buffer: 4 MiB / 16 MiB). Measured on the
@@ -116,9 +121,9 @@ def int8_rows(weight: torch.Tensor, device: torch.device | None, dtype: torch.dt
     q = torch.empty(weight.shape, dtype=torch.int8, device=device)
     scales = torch.empty(weight.shape[0], dtype=dtype, device=device)
     for a, b, w in row_blocks(weight, device):
-        s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[a:b] = w.div_(s[:, None]).round_().clamp_(-127, 127)
-        scales[a:b] = s
+        scales[a:b] = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        # round against the stored scale (bf16 rounds it by up to 0.4%), not the exact one
+        q[a:b] = w.div_(scales[a:b, None].float()).round_().clamp_(-127, 127)
     return q, scales
 
 
@@ -301,10 +306,12 @@ def quantize(model: nn.Module, mode: str = "int8",
     the whole model moves there: each selected layer is moved and quantised in turn, then the remaining
     tensors follow.
 
-    With `dtype`, each selected layer is cast to it just before it is quantised, and the other floating
-    tensors after: a model still in its file's dtype (memory-mapped by `load_checkpoint(dtype=None)`)
-    never holds more than one layer in `dtype`. That is how the 7B loads on CPU in less memory than its
-    fp32 (59 GB) or bf16 (29 GB) weights.
+    With `dtype`, what stays in floating point comes out in it: our modes quantise each weight from the
+    file's dtype a block of rows at a time and keep scales and bias in `dtype`, the CUDA libraries get
+    each layer cast just before they quantise it, and the other floating tensors are cast after. So a
+    model still in its file's dtype (memory-mapped by `load_checkpoint(dtype=None)`) never holds more
+    than one layer in `dtype`: that is how the 7B loads on CPU in less memory than its fp32 (59 GB) or
+    bf16 (29 GB) weights.
     """
     target = None if device is None else torch.device(device)
     check_mode(mode, target or next(model.parameters()).device)
@@ -329,9 +336,8 @@ def quantize(model: nn.Module, mode: str = "int8",
                 int4_group(module.in_features, f"{name} has")
     names = replace_modules(model, include, convert)
     if extras and mode in ("int8", "int4"):
-        names += replace_modules(model, vision_linears, lambda linear: convert(linear, Int8Linear.from_linear))
-        names += replace_modules(model, token_embedding,
-                                 lambda e: released(e.weight.data, Int8Embedding.from_embedding(e, target, dtype)))
+        names += replace_modules(model, int8_extras, lambda m: convert(
+            m, Int8Embedding.from_embedding if isinstance(m, nn.Embedding) else Int8Linear.from_linear))
     if target is not None or dtype is not None:
         from accelerate.utils import set_module_tensor_to_device
 
@@ -388,7 +394,8 @@ def _bnb_factory(mode: str) -> Factory:
         raise ImportError(f"{mode} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
 
     def make(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
-        linear.to(dtype)
+        if dtype is not None:
+            linear.to(dtype)
         with torch.device("meta"):  # no throw-away init of a full-size weight per layer
             if mode == "bnb-int8":
                 new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
