@@ -78,7 +78,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=None, metavar="MODE",
                    help="quantise the language model's weights while loading: int8 or int4 (any device; both "
                         "also keep the token embedding and the ViT in int8; int4 stores the language model's "
-                        "Linear weights in half of int8's bytes, slower per token on CPU), torchao-int8, "
+                        "Linear weights in about half of int8's bytes and decodes faster on CPU), torchao-int8, "
                         "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes), torchao-fp8 "
                         "(fp8 weights and activations: faster on Ada / Hopper GPUs)")
     g.add_argument("--compile", action="store_true",

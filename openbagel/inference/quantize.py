@@ -9,9 +9,10 @@ Modes:
                 dequantises the weight to the activation dtype and runs the ordinary matmul (on CPU a
                 cache-sized block of rows at a time). Resident weights shrink 4x from fp32 (2x from bf16).
   int4          ours: symmetric int4 in groups of 64 inputs with a bf16 scale per group, two weights a
-                byte (4.25 bits a weight): half of int8's memory, for machines that cannot hold int8
-                (on CPU the 7B holds 8.6 GiB and runs in a 12 GiB memory cgroup). Dequantised the same way; on CPU a token costs 2.6x int8's
-                time (more unpacking per byte), an image step 1.35x, a long prompt the same.
+                byte (4.5 bits a weight with the kernel's zero points): about half of int8's memory (on
+                CPU the 7B holds 9.7 GiB and runs in a 12 GiB memory cgroup). On CPU a few input rows
+                (a generated token) run through PyTorch's int4 kernel in bf16, 0.6x int8's time a token;
+                more rows dequantise blocks of rows the way int8 does.
   torchao-int8  torchao `Int8WeightOnlyConfig` (CUDA; needs `pip install openbagel[quant]`).
   torchao-int4  torchao `Int4WeightOnlyConfig` (CUDA, bf16 model).
   torchao-fp8   torchao `Float8DynamicActivationFloat8WeightConfig`, per row: float8 weights (one scale per
