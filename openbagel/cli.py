@@ -78,7 +78,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=None, metavar="MODE",
                    help="quantise the language model's weights while loading: int8 or int4 (any device; both "
                         "also keep the token embedding and the ViT in int8; int4 stores the language model's "
-                        "Linear weights in about half of int8's bytes and decodes faster on CPU), torchao-int8, "
+                        "Linear weights in about half of int8's bytes and, on x86, decodes faster), torchao-int8, "
                         "torchao-int4, bnb-int8, bnb-nf4 (CUDA; need torchao / bitsandbytes), torchao-fp8 "
                         "(fp8 weights and activations: faster on Ada / Hopper GPUs)")
     g.add_argument("--compile", action="store_true",
@@ -332,7 +332,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  {'total':<{width}}  {total:>15,}")
     vae_n = counts["vae (kept in fp32)"]
     # --quantize int8 / int4 store the language model's Linear weights in one byte / half a byte (plus a
-    # bf16 scale per 64 weights), its token embedding and the ViT's Linear weights in one byte; the rest
+    # bf16 (scale, zero) pair per 64 weights), its token embedding and the ViT's Linear weights in one byte; the rest
     # stays in the dtype
     linear_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
     int8_n = sum(m.weight.numel() for name, m in model.named_modules() if int8_extras(name, m))

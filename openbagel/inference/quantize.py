@@ -10,9 +10,9 @@ Modes:
                 cache-sized block of rows at a time). Resident weights shrink 4x from fp32 (2x from bf16).
   int4          ours: symmetric int4 in groups of 64 inputs with a bf16 scale per group, two weights a
                 byte (4.5 bits a weight with the kernel's zero points): about half of int8's memory (on
-                CPU the 7B holds 9.7 GiB and runs in a 12 GiB memory cgroup). On CPU a few input rows
-                (a generated token) run through PyTorch's int4 kernel in bf16, 0.6x int8's time a token;
-                more rows dequantise blocks of rows the way int8 does.
+                CPU the 7B holds 9.7 GiB and runs in a 12 GiB memory cgroup). On x86 CPUs a few input
+                rows (a generated token) run through PyTorch's int4 kernel in bf16, 0.6x int8's time a
+                token on AVX2; more rows, and other CPUs, dequantise blocks of rows as int8 does.
   torchao-int8  torchao `Int8WeightOnlyConfig` (CUDA; needs `pip install openbagel[quant]`).
   torchao-int4  torchao `Int4WeightOnlyConfig` (CUDA, bf16 model).
   torchao-fp8   torchao `Float8DynamicActivationFloat8WeightConfig`, per row: float8 weights (one scale per
@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -83,8 +84,8 @@ WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}  # bytes a Linear wei
 def int4_group(out_features: int, in_features: int, subject: str) -> int:
     """The int4 group size for a layer of this shape, or a ValueError naming `subject`."""
     group = math.gcd(in_features, INT4_GROUP)
-    if group % 2 or out_features % Int4Linear.ROWS:
-        raise ValueError(f"int4 packs inputs in pairs and outputs in blocks of {Int4Linear.ROWS}: {subject} "
+    if group % 2 or out_features % 32:
+        raise ValueError(f"int4 packs inputs in pairs and outputs in blocks of 32: {subject} "
                          f"{in_features} inputs and {out_features} outputs; quantise it with int8, or leave it "
                          "out with `include`")
     return group
@@ -228,18 +229,23 @@ class Int8Linear(QuantizedLinear):
 
 class Int4Linear(QuantizedLinear):
     """int4 weights in groups of `group_size` inputs, one bf16 scale per group, two weights a byte, laid
-    out as PyTorch's CPU int4 matmul (`aten._weight_int4pack_mm_for_cpu`) takes them.
+    out as PyTorch's CPU int4 matmul (`aten._weight_int4pack_mm_for_cpu`) takes them on this machine.
 
-    Output rows go in blocks of 32: byte (block, k, j) holds row 32·block + j of input k in its low nibble
-    and row 32·block + 16 + j in its high one, as level + 8 (levels -8..7, scale = absmax / 7.5: the
-    step is smaller than with absmax / 7, and the clipped +8 costs no more than rounding does). `scales`
-    is [in / group, out, 2] in bf16: (scale, 0), the kernel's (scale, zero) pairs. A few input rows (a
-    generated token) run through that kernel in bf16, at 3.7x our dequantising speed on the 7B's widths;
-    more rows, and other devices, dequantise blocks of rows as Int8Linear does.
+    Output rows go in blocks of 2·H (H = `lanes`: 16 where PyTorch runs its AVX2 kernel, 32 for AVX-512):
+    byte (block, k, e) holds row 2H·block + e of input k in its low nibble and row 2H·block + H + e in its
+    high one, as level + 8 (levels -8..7, scale = absmax / 7.5: the step is smaller than with absmax / 7,
+    and the clipped +8 costs no more than rounding does). `scales` is [in / group, out, 2] in bf16:
+    (scale, 0), the kernel's (scale, zero) pairs. A few input rows (a generated token) run through that
+    kernel in bf16, 8.7x faster than dequantising on the 7B's widths; more rows, other devices, and CPUs
+    whose kernel reads another layout (checked once by `cpu_int4_kernel`) dequantise blocks of rows.
     """
 
-    ROWS = 32  # output rows per block of the layout
-    KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes the CPU kernel takes
+    KERNEL_GROUPS = (32, 64)  # the group sizes int4_group gives that the CPU kernel takes
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, lanes: int) -> None:
+        super().__init__(weight, scales, bias, in_features)
+        self.lanes = lanes
 
     @property
     def group_size(self) -> int:
@@ -247,45 +253,48 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device: torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> "Int4Linear":
-        """Bias in `dtype` (default: the weight's); scales are bf16."""
+                    dtype: torch.dtype | None = None, *, lanes: int | None = None) -> "Int4Linear":
+        """Bias in `dtype` (default: the weight's); scales are bf16; `lanes` default: this CPU's kernel's."""
         weight = linear.weight.detach()
         n, k = weight.shape
         group, device = int4_group(n, k, "a Linear with"), device or weight.device
-        packed = torch.empty(n // 32, k, 16, dtype=torch.uint8, device=device)
+        lanes = lanes or int4_lanes(n)
+        packed = torch.empty(n // (2 * lanes), k, lanes, dtype=torch.uint8, device=device)
         scales = torch.zeros(k // group, n, 2, dtype=torch.bfloat16, device=device)
-        for a, b, w in row_blocks(weight, device, multiple=cls.ROWS):
+        for a, b, w in row_blocks(weight, device, multiple=2 * lanes):
             w = w.view(b - a, k // group, group)
             # bf16 rounds to nearest; 1 + 2^-8 keeps each scale at or above absmax / 7.5, so |w| / scale <= 7.5
             s = (w.abs().amax(dim=2).clamp_min(1e-12) * ((1 + 2**-8) / 7.5)).to(torch.bfloat16)
-            u = w.div_(s.float()[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8).view(-1, 2, 16, k)
-            packed[a // 32:b // 32] = (u[:, 0] | (u[:, 1] << 4)).transpose(1, 2)
+            u = w.div_(s.float()[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8).view(-1, 2, lanes, k)
+            packed[a // (2 * lanes):b // (2 * lanes)] = (u[:, 0] | (u[:, 1] << 4)).transpose(1, 2)
             scales[:, a:b, 0] = s.T
-        return cls(packed.view(n, k // 2), scales, _bias(linear, device, dtype or weight.dtype), k)
+        return cls(packed.view(n, k // 2), scales, _bias(linear, device, dtype or weight.dtype), k, lanes)
 
     def _scratch(self, rows: int) -> torch.Tensor:
         return workspace("nibbles", (rows, self.in_features // 2), torch.uint8)
 
     def _block_rows(self, rows: int) -> int:
-        return max(self.ROWS, rows // self.ROWS * self.ROWS)
+        return max(1, rows // (2 * self.lanes)) * 2 * self.lanes
 
     def _dequantize_rows(self, out: torch.Tensor, a: int, b: int, scratch: torch.Tensor | None = None) -> None:
-        """Rows [a, b), multiples of 32, unpacked through `scratch`, not temporaries (see `workspace`)."""
-        k, blocks = self.in_features, (b - a) // self.ROWS
-        packed = self.weight.view(-1, k, 16)[a // 32:b // 32]
+        """Rows [a, b), whole blocks, unpacked through `scratch`, not temporaries (see `workspace`)."""
+        k, lanes = self.in_features, self.lanes
+        blocks = (b - a) // (2 * lanes)
+        packed = self.weight.view(-1, k, lanes)[a // (2 * lanes):b // (2 * lanes)]
         nibbles = scratch if scratch is not None else self.weight.new_empty(b - a, k // 2)
-        nibbles = nibbles[:b - a].view(blocks, k, 16)
-        halves = out.view(blocks, 2, 16, k)
+        nibbles = nibbles[:b - a].view(blocks, k, lanes)
+        halves = out.view(blocks, 2, lanes, k)
         halves[:, 0].copy_(torch.bitwise_and(packed, 15, out=nibbles).transpose(1, 2))
         halves[:, 1].copy_(torch.bitwise_right_shift(packed, 4, out=nibbles).transpose(1, 2))
         out.sub_(8).view(b - a, -1, self.group_size).mul_(self.scales[:, a:b, 0].T[..., None].to(out.dtype))
 
     def _blockwise(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= INT4_KERNEL_BELOW or self.group_size not in self.KERNEL_GROUPS or not cpu_int4_kernel():
+        if (flat.shape[0] >= INT4_KERNEL_BELOW or self.group_size not in self.KERNEL_GROUPS
+                or not cpu_int4_kernel(self.lanes)):
             return super()._blockwise(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight, self.group_size,
-                                                        self.scales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.weight,
+                                                        self.group_size, self.scales.to(torch.bfloat16))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -293,26 +302,40 @@ class Int4Linear(QuantizedLinear):
                 f"int4 in groups of {self.group_size}")
 
 
+def int4_lanes(out_features: int) -> int:
+    """H of Int4Linear's layout: what PyTorch's CPU int4 kernel reads on this machine (AVX-512: 32, else 16)."""
+    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and out_features % 64 == 0
+    return 32 if wide else 16
+
+
 @functools.cache
-def cpu_int4_kernel() -> bool:
-    """Whether this PyTorch's CPU int4 matmul exists and reads Int4Linear's layout (checked once on a probe)."""
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return False
-    generator = torch.Generator().manual_seed(0)  # the global RNG is the user's
-    probe = nn.utils.skip_init(nn.Linear, 64, 64, bias=False)
-    with torch.no_grad():
-        probe.weight.copy_(torch.randn(64, 64, generator=generator))
-    q = Int4Linear.from_linear(probe, torch.device("cpu"))
-    x = torch.randn(2, 64, generator=generator)
-    with torch.inference_mode():
-        w = torch.empty(64, 64)
-        q._dequantize_rows(w, 0, 64)
-        try:
-            got = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), q.weight, 64, q.scales).float()
-        except RuntimeError:
-            return False
-    want = x.bfloat16().float() @ w.T
-    return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()))
+def cpu_int4_kernel(lanes: int) -> bool:
+    """Whether this PyTorch's CPU int4 matmul exists and reads Int4Linear's layout of `lanes` (checked once,
+    on a probe of several groups and blocks); if not, int4 dequantises every call, and says so once."""
+    works = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    if works:
+        generator = torch.Generator().manual_seed(0)  # the global RNG is the user's
+        weight = torch.randn(4 * lanes, 256, generator=generator, device="cpu")
+        probe = nn.utils.skip_init(nn.Linear, 256, 4 * lanes, bias=False, device="cpu")
+        with torch.no_grad():
+            probe.weight.copy_(weight)
+        q = Int4Linear.from_linear(probe, torch.device("cpu"), lanes=lanes)
+        x = torch.randn(3, 256, generator=generator, device="cpu").bfloat16()
+        with torch.inference_mode():
+            w = torch.empty(4 * lanes, 256, device="cpu")
+            q._dequantize_rows(w, 0, 4 * lanes)
+            try:
+                got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.weight, q.group_size, q.scales).float()
+            except RuntimeError:
+                got = None
+        want = x.float() @ w.T
+        works = got is not None and bool(
+            torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()))
+    if not works:
+        warnings.warn(f"int4: this PyTorch's CPU int4 kernel does not read our layout here (CPU capability "
+                      f"{torch.backends.cpu.get_cpu_capability()}); generated tokens dequantise instead, "
+                      "several times slower", RuntimeWarning, stacklevel=2)
+    return works
 
 
 class Int8Embedding(nn.Module):
