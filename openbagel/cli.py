@@ -332,8 +332,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  {'total':<{width}}  {total:>15,}")
     vae_n = counts["vae (kept in fp32)"]
     # --quantize int8 / int4 store the language model's Linear weights in one byte / half a byte (plus a
-    # bf16 (scale, zero) pair per 64 weights), its token embedding and the ViT's Linear weights in one byte; the rest
-    # stays in the dtype
+    # bf16 (scale, zero) pair per 64 weights), its token embedding and the ViT's Linear weights in one
+    # byte; the rest stays in the dtype
     linear_n = sum(m.weight.numel() for name, m in model.named_modules() if language_model_linears(name, m))
     int8_n = sum(m.weight.numel() for name, m in model.named_modules() if int8_extras(name, m))
     rest_n = total - vae_n - linear_n - int8_n

@@ -77,6 +77,7 @@ BLOCK_ELEMENTS, BLOCK_ELEMENTS_LARGE, BLOCK_LARGE_FROM = 2**20, 2**22, 512
 # 53 / 81, 64 rows 104 / 116, 128 rows 206 / 170, 512 rows 845 / 510.
 INT4_KERNEL_BELOW = 96
 INT4_GROUP = 64
+INT4_LANES = 16  # Int4Linear's layout packs output rows in blocks of 2 x this (2 x 32 on AVX-512 CPUs)
 WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}  # bytes a Linear weight takes in our modes
 # (int4: a (scale, zero) pair of bf16 per group, the CPU kernel's form; the zeros are 0)
 
@@ -84,8 +85,8 @@ WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}  # bytes a Linear wei
 def int4_group(out_features: int, in_features: int, subject: str) -> int:
     """The int4 group size for a layer of this shape, or a ValueError naming `subject`."""
     group = math.gcd(in_features, INT4_GROUP)
-    if group % 2 or out_features % 32:
-        raise ValueError(f"int4 packs inputs in pairs and outputs in blocks of 32: {subject} "
+    if group % 2 or out_features % (2 * INT4_LANES):
+        raise ValueError(f"int4 packs inputs in pairs and outputs in blocks of {2 * INT4_LANES}: {subject} "
                          f"{in_features} inputs and {out_features} outputs; quantise it with int8, or leave it "
                          "out with `include`")
     return group
@@ -114,7 +115,7 @@ QUANTIZE_ELEMENTS = 2**24  # weights quantised per block: 64 MiB in fp32, whatev
 
 def row_blocks(weight: torch.Tensor, device: torch.device | None,
                multiple: int = 1) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(a, b, rows [a, b) of `weight` in fp32 on `device`), a bounded block (a multiple of `multiple` rows) at a time.
+    """(a, b, rows [a, b) of `weight` in fp32 on `device`), a bounded block (of `multiple`s of rows) at a time.
 
     Quantising a whole weight at once made up to three fp32 temporaries of its size: for the 7B's lm_head
     (545 M weights, 2.2 GB in fp32) about 6.5 GB on top of the model, while it loaded.
@@ -125,7 +126,8 @@ def row_blocks(weight: torch.Tensor, device: torch.device | None,
         yield a, b, weight[a:b].to(device, torch.float32, copy=True)  # a copy: callers work on it in place
 
 
-def int8_rows(weight: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(weight: torch.Tensor, device: torch.device | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale (in `dtype`) per row: (int8 rows, scales)."""
     device = device or weight.device
     q = torch.empty(weight.shape, dtype=torch.int8, device=device)
@@ -304,8 +306,8 @@ class Int4Linear(QuantizedLinear):
 
 def int4_lanes(out_features: int) -> int:
     """H of Int4Linear's layout: what PyTorch's CPU int4 kernel reads on this machine (AVX-512: 32, else 16)."""
-    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and out_features % 64 == 0
-    return 32 if wide else 16
+    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and out_features % (4 * INT4_LANES) == 0
+    return 2 * INT4_LANES if wide else INT4_LANES
 
 
 @functools.cache
@@ -402,7 +404,12 @@ def quantize(model: nn.Module, mode: str = "int8",
         make = Int4Linear.from_linear if mode == "int4" else Int8Linear.from_linear
 
     def convert(linear: nn.Linear, make: Factory = make) -> nn.Module:
-        return released(linear.weight.data, make(linear, target or linear.weight.device, dtype))
+        source = linear.weight.data
+        quantized = make(linear, target or linear.weight.device, dtype)
+        # A mapped window of the checkpoint lives until every tensor in it is replaced, at the end of this
+        # function; until then the pages read from it would stay in RSS (most of the 29 GB file for the 7B).
+        release_file_pages(source)
+        return quantized
 
     if mode == "int4":  # check every layer first: never leave a half-converted model behind
         for name, module in model.named_modules():
@@ -421,16 +428,6 @@ def quantize(model: nn.Module, mode: str = "int8",
                 cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                 set_module_tensor_to_device(model, name, target or tensor.device, value=tensor.data, dtype=cast)
     return model
-
-
-def released(source: torch.Tensor, quantized: nn.Module) -> nn.Module:
-    """`quantized`, after dropping the file pages of the weight it was made from (if memory-mapped).
-
-    A mapped window of the checkpoint lives until every tensor in it is replaced, which is at the end of
-    `quantize`; without this, the pages read from it stay in RSS: most of the 29 GB file for the 7B.
-    """
-    release_file_pages(source)
-    return quantized
 
 
 def replace_modules(model: nn.Module, include: Callable[[str, nn.Module], bool],
